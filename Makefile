@@ -1,0 +1,38 @@
+# The two commands a new user needs: `make demo` and `make test`. Each does all set-up itself
+# (scripts/bootstrap.sh: Debian packages, .venv with torch), then builds with CMake.
+VENV   ?= .venv
+BUILD  ?= build
+JOBS   ?= $(shell nproc)
+PYTHON := $(CURDIR)/$(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Torch's intra-op pool: use the cores we have, never oversubscribe the shared CI machine.
+export OMP_NUM_THREADS ?= $(JOBS)
+
+CMAKE_FLAGS ?=
+
+.PHONY: all bootstrap configure build test demo install clean
+
+all: build
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+configure: bootstrap
+	@cmake -S . -B $(BUILD) -G Ninja -DMIXSGA_PYTHON=$(PYTHON) $(CMAKE_FLAGS) > $(BUILD).configure.log 2>&1 \
+	  || (cat $(BUILD).configure.log; exit 1)
+	@grep -E "^-- mixsga" $(BUILD).configure.log || true
+
+build: configure
+	@cmake --build $(BUILD) -j $(JOBS)
+
+test: build
+	@ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+demo: build
+	@$(BUILD)/examples/cpp/mixsga_quickstart
+
+install: build
+	@cmake --install $(BUILD) --prefix $(or $(PREFIX),$(CURDIR)/$(BUILD)/_install)
+
+clean:
+	rm -rf $(BUILD) $(BUILD).configure.log

@@ -1,0 +1,51 @@
+# Resolves MIXSGA_WITH_CUDA (AUTO|ON|OFF) into MIXSGA_CUDA_ENABLED.
+# AUTO: on only when torch is a CUDA build AND nvcc exists AND nvcc's major version equals torch's
+# CUDA major version (mixing majors gives ABI trouble). ON: the same checks, but failing is an error.
+# The CPU build never needs a GPU: the CUDA sources only have to compile and link here.
+set(MIXSGA_CUDA_ENABLED OFF)
+string(TOUPPER "${MIXSGA_WITH_CUDA}" _mode)
+if(NOT _mode MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "MIXSGA_WITH_CUDA must be AUTO, ON or OFF, got '${MIXSGA_WITH_CUDA}'")
+endif()
+
+if(NOT _mode STREQUAL "OFF")
+  set(_why "")
+  if(MIXSGA_TORCH_CUDA_VERSION STREQUAL "")
+    set(_why "torch is not a CUDA build")
+  else()
+    include(CheckLanguage)
+    check_language(CUDA)
+    if(NOT CMAKE_CUDA_COMPILER)
+      set(_why "no nvcc found")
+    else()
+      execute_process(COMMAND "${CMAKE_CUDA_COMPILER}" --version OUTPUT_VARIABLE _nvcc_out)
+      string(REGEX MATCH "release ([0-9]+)\\.([0-9]+)" _ "${_nvcc_out}")
+      set(_nvcc_major "${CMAKE_MATCH_1}")
+      string(REGEX MATCH "^([0-9]+)" _ "${MIXSGA_TORCH_CUDA_VERSION}")
+      set(_torch_major "${CMAKE_MATCH_1}")
+      if(NOT _nvcc_major STREQUAL _torch_major)
+        set(_why "nvcc CUDA ${_nvcc_major} does not match torch's CUDA ${MIXSGA_TORCH_CUDA_VERSION}")
+      endif()
+    endif()
+  endif()
+  if(_why STREQUAL "")
+    set(MIXSGA_CUDA_ENABLED ON)
+  elseif(_mode STREQUAL "ON")
+    message(FATAL_ERROR "MIXSGA_WITH_CUDA=ON but ${_why}")
+  else()
+    message(STATUS "mixsga: CUDA off (${_why})")
+  endif()
+endif()
+
+if(MIXSGA_CUDA_ENABLED)
+  # Architectures come from TORCH_CUDA_ARCH_LIST (torch's CMake turns them into -gencode flags and
+  # ignores CMAKE_CUDA_ARCHITECTURES); cmake/MixsgaTorch.cmake defaults it to 9.0.
+  enable_language(CUDA)
+  # CMake 3.25 silently drops CUDA_STANDARD 20 for nvcc; torch >= 2.13 headers need C++20.
+  string(APPEND CMAKE_CUDA_FLAGS " -std=c++20 --expt-relaxed-constexpr")
+  file(GLOB MIXSGA_CUDA_SOURCES CONFIGURE_DEPENDS
+    ${CMAKE_CURRENT_SOURCE_DIR}/kernels/*.cu
+    ${CMAKE_CURRENT_SOURCE_DIR}/src/ops/cuda/*.cu
+    ${CMAKE_CURRENT_SOURCE_DIR}/src/ops/cuda/*.cpp)
+  message(STATUS "mixsga: CUDA on (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, TORCH_CUDA_ARCH_LIST $ENV{TORCH_CUDA_ARCH_LIST})")
+endif()

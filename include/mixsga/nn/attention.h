@@ -1,0 +1,103 @@
+#pragma once
+/// MixSGAAttention: a causal self-attention layer whose tokens are routed to weight-shared grouped
+/// KV experts (METHOD.md). Drop-in for a Llama-style attention layer.
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "mixsga/nn/router.h"
+#include "mixsga/nn/shared_group_kv.h"
+
+namespace mixsga::nn {
+
+/// Options of MixSGAAttention; names and defaults match mixsga.nn.MixSGAAttention in Python.
+struct MixSGAAttentionOptions {
+  MixSGAAttentionOptions(int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads)
+      : hidden_size_(hidden_size), num_heads_(num_heads), num_kv_heads_(num_kv_heads) {}
+  /// D: model width.
+  TORCH_ARG(int64_t, hidden_size);
+  /// Hq: query heads.
+  TORCH_ARG(int64_t, num_heads);
+  /// Hkv: base KV heads; must divide num_heads.
+  TORCH_ARG(int64_t, num_kv_heads);
+  /// d: head dim; 0 (default) means hidden_size / num_heads, which must then divide evenly.
+  TORCH_ARG(int64_t, head_dim) = 0;
+  /// Group size per expert, finest first, strictly increasing, each dividing num_kv_heads. Default (1, 2, 4).
+  TORCH_ARG(std::vector<int64_t>, group_sizes) = std::vector<int64_t>{1, 2, 4};
+  /// Capacity ratio per expert, summing to 1. Default 3:1:6 (a 50 % KV budget with (1, 2, 4)).
+  TORCH_ARG(std::vector<double>, ratios) = std::vector<double>{0.3, 0.1, 0.6};
+  /// Biases on q/k/v/o projections. Default false (Llama).
+  TORCH_ARG(bool, bias) = false;
+  /// RoPE base. Default 10000.
+  TORCH_ARG(double, rope_theta) = 10000.0;
+  /// "sigmoid_ce" (default), "logit_ce" or "bce"; see ExpertChoiceRouterOptions::aux_loss.
+  TORCH_ARG(std::string, aux_loss) = "sigmoid_ce";
+  /// The layer returns aux_alpha * aux loss. Default 0.1.
+  TORCH_ARG(double, aux_alpha) = 0.1;
+  /// How the prompt is routed: "expert_choice" (default, capacity-exact, non-causal across the prompt)
+  /// or "argmax" (per-token argmax, fully causal).
+  TORCH_ARG(std::string, prefill_routing) = "expert_choice";
+  /// Feed the router a detached input, so the aux loss trains only the router. Default false.
+  TORCH_ARG(bool, detach_router_input) = false;
+  /// Dropout on attention probabilities while training. Default 0.
+  TORCH_ARG(double, attention_dropout) = 0.0;
+};
+
+/// Everything a forward pass decided, for users who need more than (output, aux_loss).
+struct MixSGAForwardResult {
+  torch::Tensor output;      ///< [B, L, D]
+  torch::Tensor aux_loss;    ///< 0-dim: aux_alpha * aux loss
+  torch::Tensor expert_idx;  ///< [B, L] int64: the expert each token's K/V used
+  torch::Tensor target_idx;  ///< [B, L] int64: the expert-choice assignment (the aux loss target)
+};
+
+/// Submodules: q_proj Linear(D, Hq*d), k_proj / v_proj Linear(D, Hkv*d) (shared by all experts),
+/// o_proj Linear(Hq*d, D), router (ExpertChoiceRouter with proj Linear(D, E)).
+class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
+ public:
+  explicit MixSGAAttentionImpl(MixSGAAttentionOptions options);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  /// @param hidden_states  [B, L, D].
+  /// @param attention_mask optional [B, L] 0/1 padding mask (1 = real token). Padded keys are never
+  ///                       attended to; padded positions' outputs are finite but meaningless.
+  /// @param position_ids   optional [B, L] or [L] positions; default arange(L), or cumsum(mask) - 1 when a
+  ///                       mask is given (so left padding keeps positions starting at 0).
+  /// @return (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux).
+  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& hidden_states,
+                                                   const std::optional<torch::Tensor>& attention_mask = std::nullopt,
+                                                   const std::optional<torch::Tensor>& position_ids = std::nullopt);
+
+  /// forward() plus the routing decisions.
+  MixSGAForwardResult forward_with_routing(const torch::Tensor& hidden_states,
+                                           const std::optional<torch::Tensor>& attention_mask = std::nullopt,
+                                           const std::optional<torch::Tensor>& position_ids = std::nullopt);
+
+  /// KV budget of this layer relative to the base layer: sum_e ratios[e] / group_sizes[e].
+  double kv_fraction() const;
+  int64_t head_dim() const { return head_dim_; }
+
+  MixSGAAttentionOptions options;
+  torch::nn::Linear q_proj{nullptr};
+  torch::nn::Linear k_proj{nullptr};  ///< the same module as kv->k_proj
+  torch::nn::Linear v_proj{nullptr};  ///< the same module as kv->v_proj
+  torch::nn::Linear o_proj{nullptr};
+  ExpertChoiceRouter router{nullptr};
+  /// Not registered (its Linears are registered as k_proj / v_proj, so parameter names match the
+  /// Python module and Hugging Face checkpoints).
+  SharedGroupKV kv{nullptr};
+
+ private:
+  int64_t head_dim_ = 0;
+};
+TORCH_MODULE(MixSGAAttention);
+
+}  // namespace mixsga::nn

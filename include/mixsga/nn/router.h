@@ -1,0 +1,57 @@
+#pragma once
+/// ExpertChoiceRouter: the per-layer router of mixSGA (METHOD.md steps 1-4).
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mixsga::nn {
+
+/// Options of ExpertChoiceRouter. The number of experts is ratios().size().
+struct ExpertChoiceRouterOptions {
+  ExpertChoiceRouterOptions(int64_t hidden_size, std::vector<double> ratios = {0.3, 0.1, 0.6})
+      : hidden_size_(hidden_size), ratios_(std::move(ratios)) {}
+  /// D: size of the router input (the attention input).
+  TORCH_ARG(int64_t, hidden_size);
+  /// Capacity ratio per expert, finest expert first; each in [0, 1], summing to 1. Default 3:1:6.
+  TORCH_ARG(std::vector<double>, ratios);
+  /// Aux loss kind: "sigmoid_ce" (CE with the post-sigmoid scores as logits, the paper's literal form),
+  /// "logit_ce" (CE on the router logits) or "bce" (per-expert binary CE of the scores against the
+  /// one-hot expert-choice target). Default "sigmoid_ce".
+  TORCH_ARG(std::string, aux_loss) = "sigmoid_ce";
+};
+
+/// Linear(D, E) + sigmoid router. `proj.weight` [E, D] is Kaiming (He) initialised, `proj.bias` [E] is 0.
+/// Routing decisions are hard (no gradient); only aux_loss trains the router.
+class ExpertChoiceRouterImpl : public torch::nn::Cloneable<ExpertChoiceRouterImpl> {
+ public:
+  explicit ExpertChoiceRouterImpl(ExpertChoiceRouterOptions options);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  /// Router logits x @ phi^T + beta: [*, D] -> [*, E].
+  torch::Tensor forward(const torch::Tensor& x);
+  /// Sigmoid scores S: [*, D] -> [*, E].
+  torch::Tensor scores(const torch::Tensor& x);
+  /// Expert-choice assignment from scores [B, L, E] and an optional [B, L] valid mask -> [B, L] int64.
+  torch::Tensor route(const torch::Tensor& scores, const std::optional<torch::Tensor>& valid_mask = std::nullopt) const;
+  /// Causal per-token routing: argmax over experts of scores [*, E] -> [*] int64.
+  torch::Tensor argmax_route(const torch::Tensor& scores) const;
+  /// Unscaled aux loss (the kind in options) of logits [B, L, E] against target expert indices [B, L],
+  /// averaged over valid tokens. Returns a 0-dim tensor in float32 (float64 for float64 logits).
+  torch::Tensor aux_loss(const torch::Tensor& logits, const torch::Tensor& target,
+                         const std::optional<torch::Tensor>& valid_mask = std::nullopt) const;
+
+  int64_t num_experts() const { return static_cast<int64_t>(options.ratios().size()); }
+
+  ExpertChoiceRouterOptions options;
+  torch::nn::Linear proj{nullptr};
+};
+TORCH_MODULE(ExpertChoiceRouter);
+
+}  // namespace mixsga::nn

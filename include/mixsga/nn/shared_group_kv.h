@@ -1,0 +1,53 @@
+#pragma once
+/// SharedGroupKV: the weight-shared K/V projections of all experts (METHOD.md step 5). It holds only
+/// the layer's original W_k, W_v (and biases); expert e uses them pooled over groups of g_e heads.
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+#include <torch/types.h>
+
+#include <tuple>
+#include <vector>
+
+namespace mixsga::nn {
+
+/// Options of SharedGroupKV.
+struct SharedGroupKVOptions {
+  SharedGroupKVOptions(int64_t hidden_size, int64_t num_kv_heads, int64_t head_dim)
+      : hidden_size_(hidden_size), num_kv_heads_(num_kv_heads), head_dim_(head_dim) {}
+  /// D: input size.
+  TORCH_ARG(int64_t, hidden_size);
+  /// Hkv: base number of KV heads (expert 0 with group size 1 keeps all of them).
+  TORCH_ARG(int64_t, num_kv_heads);
+  /// d: head dim.
+  TORCH_ARG(int64_t, head_dim);
+  /// Group size per expert, strictly increasing, each dividing num_kv_heads. Default (1, 2, 4).
+  TORCH_ARG(std::vector<int64_t>, group_sizes) = std::vector<int64_t>{1, 2, 4};
+  /// Whether k_proj / v_proj have biases. Default false.
+  TORCH_ARG(bool, bias) = false;
+};
+
+/// k_proj, v_proj: Linear(D, Hkv * d). forward gives each token's K and V under its own expert.
+class SharedGroupKVImpl : public torch::nn::Cloneable<SharedGroupKVImpl> {
+ public:
+  explicit SharedGroupKVImpl(SharedGroupKVOptions options);
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+
+  /// @param x          [B, L, D].
+  /// @param expert_idx [B, L] integer expert per token.
+  /// @return (K, V), each [B, L, Hkv, d]: the expert's compact heads repeated back to Hkv heads.
+  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& expert_idx);
+
+  /// The pooled weight and bias (bias undefined when bias=false) of expert e for K (`key=true`) or V:
+  /// [(Hkv/g_e) * d, D] and [(Hkv/g_e) * d]. What the compact cache projects with.
+  std::tuple<torch::Tensor, torch::Tensor> expert_weights(int64_t expert, bool key) const;
+
+  SharedGroupKVOptions options;
+  torch::nn::Linear k_proj{nullptr};
+  torch::nn::Linear v_proj{nullptr};
+};
+TORCH_MODULE(SharedGroupKV);
+
+}  // namespace mixsga::nn

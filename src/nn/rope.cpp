@@ -1,0 +1,33 @@
+#include "mixsga/nn/rope.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include "ops/validation.h"
+
+namespace mixsga::nn {
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta) {
+  detail::check_floating(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(-1) % 2 == 0,
+                    fmt::format("x: expected shape [B, L, H, d] with even d, got {}", detail::shape_str(x.sizes())));
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(3);
+  TORCH_CHECK_VALUE((positions.dim() == 1 && positions.size(0) == L) ||
+                        (positions.dim() == 2 && positions.size(1) == L && (positions.size(0) == B || positions.size(0) == 1)),
+                    fmt::format("positions: expected shape [{}, {}] or [{}], got {}", B, L, L,
+                                detail::shape_str(positions.sizes())));
+  TORCH_CHECK_VALUE(theta > 0.0, fmt::format("theta: must be > 0, got {}", theta));
+  const auto angle_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = x.options().dtype(angle_dtype);
+  const auto inv_freq = at::pow(theta, at::arange(0, d, 2, opts.dtype(at::kLong)).to(angle_dtype) / static_cast<double>(d))
+                            .reciprocal();
+  const auto pos = (positions.dim() == 1 ? positions.unsqueeze(0) : positions).to(opts);
+  const auto freqs = pos.unsqueeze(-1) * inv_freq;                  // [B|1, L, d/2]
+  const auto emb = at::cat({freqs, freqs}, -1).unsqueeze(2);        // [B|1, L, 1, d]
+  const auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
+  const auto halves = x.chunk(2, -1);
+  const auto rotated = at::cat({-halves[1], halves[0]}, -1);
+  return x * cos + rotated * sin;
+}
+
+}  // namespace mixsga::nn

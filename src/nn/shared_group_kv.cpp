@@ -1,0 +1,52 @@
+#include "mixsga/nn/shared_group_kv.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "mixsga/ops.h"
+#include "nn/module_checks.h"
+#include "ops/validation.h"
+
+namespace mixsga::nn {
+
+SharedGroupKVImpl::SharedGroupKVImpl(SharedGroupKVOptions options_) : options(std::move(options_)) { reset(); }
+
+void SharedGroupKVImpl::reset() {
+  detail::check_positive(options.hidden_size(), "hidden_size");
+  detail::check_positive(options.num_kv_heads(), "num_kv_heads");
+  detail::check_positive(options.head_dim(), "head_dim");
+  detail::check_group_sizes(options.group_sizes(), options.num_kv_heads());
+  const auto linear = torch::nn::LinearOptions(options.hidden_size(), options.num_kv_heads() * options.head_dim())
+                          .bias(options.bias());
+  k_proj = register_module("k_proj", torch::nn::Linear(linear));
+  v_proj = register_module("v_proj", torch::nn::Linear(linear));
+}
+
+void SharedGroupKVImpl::pretty_print(std::ostream& stream) const {
+  stream << fmt::format("mixsga::nn::SharedGroupKV(hidden_size={}, num_kv_heads={}, head_dim={}, group_sizes=({}), bias={})",
+                        options.hidden_size(), options.num_kv_heads(), options.head_dim(),
+                        fmt::join(options.group_sizes(), ", "), options.bias());
+}
+
+std::tuple<torch::Tensor, torch::Tensor> SharedGroupKVImpl::forward(const torch::Tensor& x, const torch::Tensor& expert_idx) {
+  const auto& g = options.group_sizes();
+  const int64_t d = options.head_dim();
+  auto k = ops::grouped_kv_proj(x, k_proj->weight, k_proj->bias.defined() ? std::optional(k_proj->bias) : std::nullopt,
+                                expert_idx, g, d);
+  auto v = ops::grouped_kv_proj(x, v_proj->weight, v_proj->bias.defined() ? std::optional(v_proj->bias) : std::nullopt,
+                                expert_idx, g, d);
+  return {k, v};
+}
+
+std::tuple<torch::Tensor, torch::Tensor> SharedGroupKVImpl::expert_weights(int64_t expert, bool key) const {
+  const auto& groups = options.group_sizes();
+  TORCH_CHECK_INDEX(expert >= 0 && expert < static_cast<int64_t>(groups.size()),
+                    fmt::format("expert: must be in [0, {}), got {}", groups.size(), expert));
+  const auto& linear = key ? k_proj : v_proj;
+  const int64_t g = groups[expert], d = options.head_dim();
+  auto w = ops::pool_kv_weight(linear->weight, g, d);
+  auto b = linear->bias.defined() ? ops::pool_kv_weight(linear->bias, g, d) : torch::Tensor();
+  return {w, b};
+}
+
+}  // namespace mixsga::nn

@@ -1,0 +1,122 @@
+// Autograd kernels of the mixsga ops (registered at the Autograd key, so C++ users can train
+// without Python). Each backward calls a registered op, so it runs on whatever backend the forward
+// ran on. Non-differentiable ops are registered too: they redispatch below autograd, so the
+// dispatcher never warns about a missing autograd kernel when an input requires grad.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "mixsga/ops.h"
+
+namespace mixsga::autograd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class GroupedKVPoolFunction : public torch::autograd::Function<GroupedKVPoolFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& kv, const at::Tensor& expert_idx,
+                            c10::IntArrayRef group_sizes) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({expert_idx});
+    ctx->saved_data["group_sizes"] = group_sizes.vec();
+    return ops::grouped_kv_pool(kv, expert_idx, group_sizes);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    const auto expert_idx = ctx->get_saved_variables()[0];
+    const auto group_sizes = ctx->saved_data["group_sizes"].toIntVector();
+    // The pool is an orthogonal projection per token, hence self-adjoint.
+    return {ops::grouped_kv_pool(grad[0], expert_idx, group_sizes), at::Tensor(), at::Tensor()};
+  }
+};
+
+class GroupedKVProjFunction : public torch::autograd::Function<GroupedKVProjFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& expert_idx,
+                            c10::IntArrayRef group_sizes, int64_t head_dim) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight, expert_idx});
+    ctx->saved_data["group_sizes"] = group_sizes.vec();
+    ctx->saved_data["head_dim"] = head_dim;
+    return ops::grouped_kv_proj(x, weight, bias, expert_idx, group_sizes, head_dim);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mixsga::_grouped_kv_proj_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             c10::IntArrayRef, int64_t)>();
+    const auto [grad_x, grad_w, grad_b] =
+        op.call(grad[0].contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["group_sizes"].toIntVector(),
+                ctx->saved_data["head_dim"].toInt());
+    return {grad_x, grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class ExpertScatterFunction : public torch::autograd::Function<ExpertScatterFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& permutation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({permutation});
+    return ops::expert_scatter(x, permutation);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    return {ops::expert_gather(grad[0], ctx->get_saved_variables()[0]), at::Tensor()};
+  }
+};
+
+class ExpertGatherFunction : public torch::autograd::Function<ExpertGatherFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& permutation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({permutation});
+    return ops::expert_gather(x, permutation);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    return {ops::expert_scatter(grad[0], ctx->get_saved_variables()[0]), at::Tensor()};
+  }
+};
+
+at::Tensor grouped_kv_pool_autograd(const at::Tensor& kv, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes) {
+  return GroupedKVPoolFunction::apply(kv, expert_idx, group_sizes);
+}
+
+at::Tensor grouped_kv_proj_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
+  return GroupedKVProjFunction::apply(x, weight, bias, expert_idx, group_sizes, head_dim);
+}
+
+at::Tensor expert_scatter_autograd(const at::Tensor& x, const at::Tensor& permutation) {
+  return ExpertScatterFunction::apply(x, permutation);
+}
+
+at::Tensor expert_gather_autograd(const at::Tensor& x, const at::Tensor& permutation) {
+  return ExpertGatherFunction::apply(x, permutation);
+}
+
+at::Tensor route_expert_choice_autograd(const at::Tensor& scores, c10::ArrayRef<double> ratios,
+                                        const std::optional<at::Tensor>& valid_mask) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::route_expert_choice(scores, ratios, valid_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_permutation_autograd(const at::Tensor& expert_idx, int64_t num_experts) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::expert_permutation(expert_idx, num_experts);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixsga, Autograd, m) {
+  m.impl("grouped_kv_pool", &grouped_kv_pool_autograd);
+  m.impl("grouped_kv_proj", &grouped_kv_proj_autograd);
+  m.impl("expert_scatter", &expert_scatter_autograd);
+  m.impl("expert_gather", &expert_gather_autograd);
+  m.impl("route_expert_choice", &route_expert_choice_autograd);
+  m.impl("expert_permutation", &expert_permutation_autograd);
+}
+
+}  // namespace mixsga::autograd

@@ -1,0 +1,143 @@
+// CPU kernels of grouped_kv_proj and its backward.
+//
+// Tokens are grouped by expert (expert_permutation); for each expert e the rows of its tokens are
+// multiplied by the expert's pooled weight [(Hkv/g_e)*d, D] (one GEMM per expert, so the matrix work
+// is sum_e n_e/g_e of a full projection) and the compact result is written back, repeated g_e times
+// along the head axis, into the token's own output row.
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+#include <fmt/format.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "mixsga/ops.h"
+#include "ops/validation.h"
+
+namespace mixsga::cpu {
+namespace {
+
+struct ProjShapes {
+  int64_t tokens, hidden, heads, head_dim;
+};
+
+ProjShapes check_proj_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
+                           c10::IntArrayRef group_sizes, int64_t head_dim) {
+  detail::check_floating(x, "x");
+  detail::check_floating(weight, "weight");
+  TORCH_CHECK_VALUE(x.dim() >= 1, fmt::format("x: expected shape [*, D], got {}", detail::shape_str(x.sizes())));
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(-1),
+                    fmt::format("weight: expected shape [Hkv * head_dim, {}] (D = x.size(-1)), got {}", x.size(-1),
+                                detail::shape_str(weight.sizes())));
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(),
+                   fmt::format("weight: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
+                               c10::toString(weight.scalar_type())));
+  TORCH_CHECK_VALUE(weight.device() == x.device(),
+                    fmt::format("weight: expected device {}, got {}", x.device().str(), weight.device().str()));
+  TORCH_CHECK_VALUE(head_dim >= 1 && weight.size(0) % head_dim == 0 && weight.size(0) > 0,
+                    fmt::format("head_dim: must be >= 1 and divide weight.size(0) ({}), got {}", weight.size(0), head_dim));
+  const int64_t heads = weight.size(0) / head_dim;
+  detail::check_group_sizes(group_sizes, heads);
+  detail::check_expert_idx(expert_idx, x.sizes().slice(0, x.dim() - 1), static_cast<int64_t>(group_sizes.size()),
+                           x.device());
+  const int64_t hidden = x.size(-1);
+  const int64_t tokens = hidden == 0 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : x.numel() / hidden;
+  return {tokens, hidden, heads, head_dim};
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t heads, int64_t head_dim) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(heads);
+  shape.push_back(head_dim);
+  return shape;
+}
+
+at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
+  const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                      fmt::format("bias: expected shape [{}] (weight.size(0)), got {}", weight.size(0),
+                                  detail::shape_str(bias->sizes())));
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(),
+                     fmt::format("bias: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
+                                 c10::toString(bias->scalar_type())));
+    TORCH_CHECK_VALUE(bias->device() == x.device(),
+                      fmt::format("bias: expected device {}, got {}", x.device().str(), bias->device().str()));
+  }
+  auto out = at::empty({s.tokens, s.heads, s.head_dim}, x.options());
+  if (s.tokens == 0) return out.view(out_shape(x, s.heads, s.head_dim));
+
+  const auto x2 = x.reshape({s.tokens, s.hidden});
+  const auto [perm, offsets] = ops::expert_permutation(expert_idx.reshape({s.tokens}), group_sizes.size());
+  const auto off = offsets.accessor<int64_t, 1>();
+  for (size_t e = 0; e < group_sizes.size(); ++e) {
+    const int64_t n_e = off[e + 1] - off[e];
+    if (n_e == 0) continue;
+    const int64_t g = group_sizes[e], compact_heads = s.heads / g;
+    const bool all_tokens = n_e == s.tokens;  // one expert owns everything: no gather/scatter needed
+    const auto rows = perm.narrow(0, off[e], n_e);
+    const auto xe = all_tokens ? x2 : x2.index_select(0, rows);
+    const auto we = ops::pool_kv_weight(weight, g, s.head_dim);
+    const auto ye = has_bias ? at::addmm(ops::pool_kv_weight(*bias, g, s.head_dim), xe, we.t()) : at::mm(xe, we.t());
+    const auto expanded = ye.view({n_e, compact_heads, 1, s.head_dim}).expand({n_e, compact_heads, g, s.head_dim});
+    if (all_tokens) {
+      out.view({n_e, compact_heads, g, s.head_dim}).copy_(expanded);
+    } else {
+      out.index_copy_(0, rows, expanded.reshape({n_e, s.heads, s.head_dim}));
+    }
+  }
+  return out.view(out_shape(x, s.heads, s.head_dim));
+}
+
+// Forward: y_e = x_e @ P_e(W)^T + P_e(b), out[h] = y_e[group(h)]. So with G the incoming gradient,
+// dy_e = sum of G over the heads of each group, dx_e = dy_e @ P_e(W), dP_e(W) = dy_e^T @ x_e, and
+// P_e's adjoint spreads each pooled row back over its g_e heads with weight 1/g_e.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
+    c10::IntArrayRef group_sizes, int64_t head_dim) {
+  const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
+  TORCH_CHECK_VALUE(grad_out.sizes().equals(out_shape(x, s.heads, s.head_dim)),
+                    fmt::format("grad_out: expected shape {}, got {}", detail::shape_str(out_shape(x, s.heads, s.head_dim)),
+                                detail::shape_str(grad_out.sizes())));
+  auto grad_x = at::zeros({s.tokens, s.hidden}, x.options());
+  auto grad_w = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  auto grad_b = at::zeros({weight.size(0)}, weight.options());
+  if (s.tokens == 0) return {grad_x.view(x.sizes()), grad_w, grad_b};
+
+  const auto x2 = x.reshape({s.tokens, s.hidden});
+  const auto g2 = grad_out.reshape({s.tokens, s.heads, s.head_dim});
+  const auto [perm, offsets] = ops::expert_permutation(expert_idx.reshape({s.tokens}), group_sizes.size());
+  const auto off = offsets.accessor<int64_t, 1>();
+  for (size_t e = 0; e < group_sizes.size(); ++e) {
+    const int64_t n_e = off[e + 1] - off[e];
+    if (n_e == 0) continue;
+    const int64_t g = group_sizes[e], compact_heads = s.heads / g;
+    const bool all_tokens = n_e == s.tokens;
+    const auto rows = perm.narrow(0, off[e], n_e);
+    const auto ge = all_tokens ? g2 : g2.index_select(0, rows);
+    const auto dy = ge.reshape({n_e, compact_heads, g, s.head_dim}).sum(2).reshape({n_e, compact_heads * s.head_dim});
+    const auto xe = all_tokens ? x2 : x2.index_select(0, rows);
+    const auto dx = at::mm(dy, ops::pool_kv_weight(weight, g, s.head_dim));
+    if (all_tokens) {
+      grad_x.copy_(dx);
+    } else {
+      grad_x.index_copy_(0, rows, dx);
+    }
+    const auto dwp = at::mm(dy.t(), xe).view({compact_heads, 1, s.head_dim, s.hidden});
+    grad_w.view({compact_heads, g, s.head_dim, s.hidden}).add_(dwp, 1.0 / static_cast<double>(g));
+    const auto dbp = dy.sum(0).view({compact_heads, 1, s.head_dim});
+    grad_b.view({compact_heads, g, s.head_dim}).add_(dbp, 1.0 / static_cast<double>(g));
+  }
+  return {grad_x.view(x.sizes()), grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixsga, CPU, m) {
+  m.impl("grouped_kv_proj", &grouped_kv_proj_cpu);
+  m.impl("_grouped_kv_proj_backward", &grouped_kv_proj_backward_cpu);
+}
+
+}  // namespace mixsga::cpu

@@ -1,0 +1,80 @@
+// C++ entry points: thin wrappers that call through the dispatcher, so C++ callers get the same
+// autograd and device routing as torch.ops.mixsga.* from Python.
+#include "mixsga/ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <fmt/format.h>
+
+#include "ops/validation.h"
+
+namespace mixsga::ops {
+namespace {
+template <typename Signature>
+auto find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+}  // namespace
+
+at::Tensor route_expert_choice(const at::Tensor& scores, c10::ArrayRef<double> ratios,
+                               const std::optional<at::Tensor>& valid_mask) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, c10::ArrayRef<double>, const std::optional<at::Tensor>&)>(
+      "mixsga::route_expert_choice");
+  return op.call(scores, ratios, valid_mask);
+}
+
+at::Tensor grouped_kv_pool(const at::Tensor& kv, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef)>("mixsga::grouped_kv_pool");
+  return op.call(kv, expert_idx, group_sizes);
+}
+
+at::Tensor grouped_kv_proj(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                      const at::Tensor&, c10::IntArrayRef, int64_t)>("mixsga::grouped_kv_proj");
+  return op.call(x, weight, bias, expert_idx, group_sizes, head_dim);
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_permutation(const at::Tensor& expert_idx, int64_t num_experts) {
+  static auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>("mixsga::expert_permutation");
+  return op.call(expert_idx, num_experts);
+}
+
+at::Tensor expert_scatter(const at::Tensor& x, const at::Tensor& permutation) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("mixsga::expert_scatter");
+  return op.call(x, permutation);
+}
+
+at::Tensor expert_gather(const at::Tensor& x, const at::Tensor& permutation) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("mixsga::expert_gather");
+  return op.call(x, permutation);
+}
+
+at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t head_dim) {
+  TORCH_CHECK_VALUE(weight.dim() >= 1, fmt::format("pool_kv_weight: weight must have at least one dim, got shape {}",
+                                                 detail::shape_str(weight.sizes())));
+  TORCH_CHECK_VALUE(head_dim >= 1 && weight.size(0) % head_dim == 0,
+                    fmt::format("pool_kv_weight: head_dim ({}) must divide weight.size(0) ({})", head_dim,
+                                weight.size(0)));
+  const int64_t heads = weight.size(0) / head_dim;
+  TORCH_CHECK_VALUE(group_size >= 1 && heads % group_size == 0,
+                    fmt::format("pool_kv_weight: group_size ({}) must divide the number of KV heads ({})",
+                                group_size, heads));
+  if (group_size == 1) return weight;
+  std::vector<int64_t> grouped{heads / group_size, group_size, head_dim};
+  const auto rest = weight.sizes().slice(1);
+  grouped.insert(grouped.end(), rest.begin(), rest.end());
+  std::vector<int64_t> pooled{heads / group_size * head_dim};
+  pooled.insert(pooled.end(), rest.begin(), rest.end());
+  return weight.reshape(grouped).mean(1).reshape(pooled);
+}
+
+double kv_fraction(c10::IntArrayRef group_sizes, c10::ArrayRef<double> ratios) {
+  detail::check_group_sizes(group_sizes);
+  detail::check_ratios(ratios, static_cast<int64_t>(group_sizes.size()));
+  double fraction = 0.0;
+  for (size_t e = 0; e < ratios.size(); ++e) fraction += ratios[e] / static_cast<double>(group_sizes[e]);
+  return fraction;
+}
+
+}  // namespace mixsga::ops

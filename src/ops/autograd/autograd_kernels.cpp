@@ -31,28 +31,52 @@ class GroupedKVPoolFunction : public torch::autograd::Function<GroupedKVPoolFunc
   }
 };
 
+// Backward of grouped_kv_proj through the registered backward op (runs on the forward's backend).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_grads(AutogradContext* ctx, const at::Tensor& grad) {
+  const auto saved = ctx->get_saved_variables();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mixsga::_grouped_kv_proj_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           c10::IntArrayRef, int64_t)>();
+  return op.call(grad.contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["group_sizes"].toIntVector(),
+                 ctx->saved_data["head_dim"].toInt());
+}
+
+void save_grouped_kv_proj(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
+  ctx->save_for_backward({x, weight, expert_idx});
+  ctx->saved_data["group_sizes"] = group_sizes.vec();
+  ctx->saved_data["head_dim"] = head_dim;
+}
+
+// Two Functions, with and without bias: an absent bias must not count as a differentiable input.
 class GroupedKVProjFunction : public torch::autograd::Function<GroupedKVProjFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& expert_idx,
-                            c10::IntArrayRef group_sizes, int64_t head_dim) {
+                            const at::Tensor& bias, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes,
+                            int64_t head_dim) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x, weight, expert_idx});
-    ctx->saved_data["group_sizes"] = group_sizes.vec();
-    ctx->saved_data["head_dim"] = head_dim;
+    save_grouped_kv_proj(ctx, x, weight, expert_idx, group_sizes, head_dim);
     return ops::grouped_kv_proj(x, weight, bias, expert_idx, group_sizes, head_dim);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    const auto saved = ctx->get_saved_variables();
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mixsga::_grouped_kv_proj_backward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             c10::IntArrayRef, int64_t)>();
-    const auto [grad_x, grad_w, grad_b] =
-        op.call(grad[0].contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["group_sizes"].toIntVector(),
-                ctx->saved_data["head_dim"].toInt());
+    const auto [grad_x, grad_w, grad_b] = grouped_kv_proj_grads(ctx, grad[0]);
     return {grad_x, grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class GroupedKVProjNoBiasFunction : public torch::autograd::Function<GroupedKVProjNoBiasFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    save_grouped_kv_proj(ctx, x, weight, expert_idx, group_sizes, head_dim);
+    return ops::grouped_kv_proj(x, weight, std::nullopt, expert_idx, group_sizes, head_dim);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    const auto [grad_x, grad_w, grad_b] = grouped_kv_proj_grads(ctx, grad[0]);
+    return {grad_x, grad_w, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -86,7 +110,10 @@ at::Tensor grouped_kv_pool_autograd(const at::Tensor& kv, const at::Tensor& expe
 
 at::Tensor grouped_kv_proj_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                     const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
-  return GroupedKVProjFunction::apply(x, weight, bias, expert_idx, group_sizes, head_dim);
+  if (bias.has_value() && bias->defined()) {
+    return GroupedKVProjFunction::apply(x, weight, *bias, expert_idx, group_sizes, head_dim);
+  }
+  return GroupedKVProjNoBiasFunction::apply(x, weight, expert_idx, group_sizes, head_dim);
 }
 
 at::Tensor expert_scatter_autograd(const at::Tensor& x, const at::Tensor& permutation) {

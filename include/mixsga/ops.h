@@ -7,6 +7,7 @@
 /// N = number of tokens (the product of the leading dims).
 
 #include <ATen/Tensor.h>
+#include <ATen/core/ATen_fwd.h>
 #include <c10/util/ArrayRef.h>
 
 #include <optional>
@@ -76,6 +77,21 @@ at::Tensor expert_scatter(const at::Tensor& x, const at::Tensor& permutation);
 /// @param x           [N, *] rows in per-expert block order.
 /// @param permutation [N] int64 permutation of 0..N-1.
 at::Tensor expert_gather(const at::Tensor& x, const at::Tensor& permutation);
+
+/// Decode attention over the heterogeneous cache: one new query per sequence against all of its cached
+/// tokens across the expert pools, each pool's partial softmax merged by log-sum-exp. The expanded K/V
+/// are never formed. Accumulates in float32 for every input dtype. Not differentiable (inference).
+///
+/// @param q            [B, Hq, d] queries (after RoPE).
+/// @param k_pools      E tensors [B, Hkv/g_e, T_e, d] (e.g. HeteroKVCache::keys(layer)); head dim contiguous.
+/// @param v_pools      E tensors of the same shapes.
+/// @param lengths      [B, E] integer: sequence b attends to the first lengths[b, e] tokens of pool e.
+/// @param num_kv_heads Hkv; query head h reads compact head (h / (Hq/Hkv)) / g_e of pool e.
+/// @param scale        softmax scale, default 1/sqrt(d).
+/// @return [B, Hq, d] in q's dtype; a sequence with no cached token gets zeros.
+at::Tensor hetero_decode_attention(const at::Tensor& q, at::TensorList k_pools, at::TensorList v_pools,
+                                   const at::Tensor& lengths, int64_t num_kv_heads,
+                                   std::optional<double> scale = std::nullopt);
 
 /// Pools the rows of a K/V projection weight (or bias) for one expert: [Hkv*d, ...] ->
 /// [(Hkv/group_size)*d, ...], each group of group_size consecutive heads averaged. Plain ATen

@@ -65,14 +65,27 @@ double MixSGAAttentionImpl::kv_fraction() const { return ops::kv_fraction(option
 
 std::tuple<torch::Tensor, torch::Tensor> MixSGAAttentionImpl::forward(const torch::Tensor& hidden_states,
                                                                       const std::optional<torch::Tensor>& attention_mask,
-                                                                      const std::optional<torch::Tensor>& position_ids) {
-  auto result = forward_with_routing(hidden_states, attention_mask, position_ids);
+                                                                      const std::optional<torch::Tensor>& position_ids,
+                                                                      HeteroKVCache* cache, int64_t layer) {
+  auto result = forward_with_routing(hidden_states, attention_mask, position_ids, cache, layer);
   return {result.output, result.aux_loss};
 }
 
-MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tensor& x,
+HeteroKVCacheOptions MixSGAAttentionImpl::cache_options(int64_t num_layers) const {
+  HeteroKVCacheOptions o;
+  o.num_layers = num_layers;
+  o.num_kv_heads = options.num_kv_heads();
+  o.head_dim = head_dim_;
+  o.group_sizes = options.group_sizes();
+  o.dtype = q_proj->weight.scalar_type();
+  o.device = q_proj->weight.device();
+  return o;
+}
+
+MixSGAAttentionImpl::Inputs MixSGAAttentionImpl::check_inputs(const torch::Tensor& x,
                                                               const std::optional<torch::Tensor>& attention_mask,
-                                                              const std::optional<torch::Tensor>& position_ids) {
+                                                              const std::optional<torch::Tensor>& position_ids,
+                                                              const HeteroKVCache* cache, int64_t layer) const {
   const auto& o = options;
   detail::check_floating(x, "hidden_states");
   TORCH_CHECK_VALUE(x.dim() == 3 && x.size(2) == o.hidden_size(),
@@ -84,9 +97,8 @@ MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tenso
   TORCH_CHECK_VALUE(x.device() == q_proj->weight.device(),
                     fmt::format("hidden_states: expected the parameters' device {}, got {}",
                                 q_proj->weight.device().str(), x.device().str()));
-  const int64_t B = x.size(0), L = x.size(1), Hq = o.num_heads(), Hkv = o.num_kv_heads(), d = head_dim_;
-
-  std::optional<torch::Tensor> valid;
+  const int64_t B = x.size(0), L = x.size(1);
+  Inputs in;
   if (attention_mask.has_value() && attention_mask->defined()) {
     const auto& m = *attention_mask;
     TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == L,
@@ -94,52 +106,138 @@ MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tenso
                                   detail::shape_str(m.sizes())));
     TORCH_CHECK_VALUE(m.device() == x.device(), fmt::format("attention_mask: expected device {}, got {}",
                                                             x.device().str(), m.device().str()));
-    valid = m.ne(0);
+    in.valid = m.ne(0);
   }
-  torch::Tensor positions;
+  int64_t past_batch = 0;
+  if (cache != nullptr) {
+    const auto& c = cache->options();
+    TORCH_CHECK_VALUE(c.num_kv_heads == o.num_kv_heads() && c.head_dim == head_dim_ && c.group_sizes == o.group_sizes(),
+                      fmt::format("cache: built for num_kv_heads={}, head_dim={}, group_sizes=({}), but the layer has "
+                                  "num_kv_heads={}, head_dim={}, group_sizes=({})",
+                                  c.num_kv_heads, c.head_dim, fmt::join(c.group_sizes, ", "), o.num_kv_heads(), head_dim_,
+                                  fmt::join(o.group_sizes(), ", ")));
+    TORCH_CHECK_INDEX(layer >= 0 && layer < c.num_layers,
+                      fmt::format("layer: must be in [0, {}) (the cache's num_layers), got {}", c.num_layers, layer));
+    past_batch = cache->batch_size();
+    TORCH_CHECK_VALUE(past_batch == 0 || past_batch == B,
+                      fmt::format("hidden_states: batch size {} does not match the cache's batch size {}", B, past_batch));
+  }
   if (position_ids.has_value() && position_ids->defined()) {
-    positions = *position_ids;
-    TORCH_CHECK_VALUE((positions.dim() == 2 && positions.size(0) == B && positions.size(1) == L) ||
-                          (positions.dim() == 1 && positions.size(0) == L),
+    in.positions = *position_ids;
+    TORCH_CHECK_VALUE((in.positions.dim() == 2 && in.positions.size(0) == B && in.positions.size(1) == L) ||
+                          (in.positions.dim() == 1 && in.positions.size(0) == L),
                       fmt::format("position_ids: expected shape [{}, {}] or [{}], got {}", B, L, L,
-                                  detail::shape_str(positions.sizes())));
-  } else if (valid.has_value()) {
-    positions = (valid->to(torch::kLong).cumsum(1) - 1).clamp_min(0);
+                                  detail::shape_str(in.positions.sizes())));
   } else {
-    positions = torch::arange(L, x.options().dtype(torch::kLong));
+    const auto long_opts = x.options().dtype(torch::kLong);
+    in.positions = in.valid.has_value() ? (in.valid->to(torch::kLong).cumsum(1) - 1).clamp_min(0)
+                                        : torch::arange(L, long_opts);
+    if (past_batch > 0) in.positions = in.positions + cache->seq_lengths(layer).to(x.device()).unsqueeze(1);
   }
+  return in;
+}
 
+MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tensor& x,
+                                                              const std::optional<torch::Tensor>& attention_mask,
+                                                              const std::optional<torch::Tensor>& position_ids,
+                                                              HeteroKVCache* cache, int64_t layer) {
+  const auto& o = options;
+  const auto in = check_inputs(x, attention_mask, position_ids, cache, layer);
+  const int64_t B = x.size(0), L = x.size(1);
   const auto zero = torch::zeros({}, x.options().dtype(x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat));
   if (B == 0 || L == 0) {
     const auto none = torch::empty({B, L}, x.options().dtype(torch::kLong));
     return {torch::zeros_like(x), zero, none, none};
   }
+  const bool cache_was_empty = cache == nullptr || cache->batch_size() == 0 || cache->max_seq_length(layer) == 0;
 
   // Routing: hard decisions, no gradient; only the aux loss trains the router.
   const auto logits = router->forward(o.detach_router_input() ? x.detach() : x);
   const auto scores = torch::sigmoid(logits);
-  const auto target = router->route(scores, valid);
-  auto expert_idx = o.prefill_routing() == "argmax" ? router->argmax_route(scores) : target;
-  const auto aux = o.aux_alpha() == 0.0 ? zero : router->aux_loss(logits, target, valid) * o.aux_alpha();
-
-  auto [k, v] = kv->forward(x, expert_idx);                  // [B, L, Hkv, d], pooled per token
-  auto q = q_proj->forward(x).view({B, L, Hq, d});
-  q = apply_rope(q, positions, o.rope_theta()).transpose(1, 2);  // [B, Hq, L, d]
-  k = apply_rope(k, positions, o.rope_theta()).transpose(1, 2);  // [B, Hkv, L, d]
-  v = v.transpose(1, 2);
-
-  std::optional<torch::Tensor> attn_mask;
-  if (valid.has_value()) {
-    // Causal AND key-is-real; the diagonal stays open so a padded query never sees an all-masked row (NaN).
-    const auto causal = torch::ones({L, L}, x.options().dtype(torch::kBool)).tril();
-    const auto diagonal = torch::eye(L, x.options().dtype(torch::kBool));
-    attn_mask = (causal & (valid->view({B, 1, 1, L}) | diagonal)).contiguous();
+  if (!cache_was_empty) {
+    // Decode / continuation: causal argmax routing; expert choice over a few new tokens means nothing.
+    const auto idx = router->argmax_route(scores);
+    return {attend(x, idx, in, cache, layer, false), zero, idx, idx};
   }
+  const auto target = router->route(scores, in.valid);
+  const auto expert_idx = o.prefill_routing() == "argmax" ? router->argmax_route(scores) : target;
+  const auto aux = o.aux_alpha() == 0.0 ? zero : router->aux_loss(logits, target, in.valid) * o.aux_alpha();
+  return {attend(x, expert_idx, in, cache, layer, true), aux, expert_idx, target};
+}
+
+torch::Tensor MixSGAAttentionImpl::forward_routed(const torch::Tensor& x, const torch::Tensor& expert_idx,
+                                                  const std::optional<torch::Tensor>& attention_mask,
+                                                  const std::optional<torch::Tensor>& position_ids) {
+  const auto in = check_inputs(x, attention_mask, position_ids, nullptr, 0);
+  detail::check_expert_idx(expert_idx, x.sizes().slice(0, 2), static_cast<int64_t>(options.group_sizes().size()),
+                           x.device());
+  if (x.size(0) == 0 || x.size(1) == 0) return torch::zeros_like(x);
+  return attend(x, expert_idx.to(torch::kLong), in, nullptr, 0, true);
+}
+
+torch::Tensor MixSGAAttentionImpl::attend(const torch::Tensor& x, const torch::Tensor& expert_idx, const Inputs& in,
+                                          HeteroKVCache* cache, int64_t layer, bool cache_was_empty) {
+  const auto& o = options;
+  const int64_t B = x.size(0), L = x.size(1), Hq = o.num_heads(), Hkv = o.num_kv_heads(), d = head_dim_;
+  auto [k, v] = kv->forward(x, expert_idx);                      // [B, L, Hkv, d], pooled per token
+  auto q = apply_rope(q_proj->forward(x).view({B, L, Hq, d}), in.positions, o.rope_theta());
+  k = apply_rope(k, in.positions, o.rope_theta());
+  if (cache != nullptr) cache->append(layer, k.detach(), v.detach(), expert_idx, in.valid, !cache_was_empty);
+
+  torch::Tensor attn;  // [B, L, Hq, d]
   const double dropout = is_training() ? o.attention_dropout() : 0.0;
-  auto attn = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout, /*is_causal=*/!attn_mask.has_value(),
-                                               /*scale=*/std::nullopt, /*enable_gqa=*/Hq != Hkv);
-  auto out = o_proj->forward(attn.transpose(1, 2).reshape({B, L, Hq * d}));
-  return {out, aux, expert_idx, target};
+  if (cache_was_empty) {
+    std::optional<torch::Tensor> attn_mask;
+    if (in.valid.has_value()) {
+      // Causal AND key-is-real; the diagonal stays open so a padded query never sees an all-masked row (NaN).
+      const auto causal = torch::ones({L, L}, x.options().dtype(torch::kBool)).tril();
+      const auto diagonal = torch::eye(L, x.options().dtype(torch::kBool));
+      attn_mask = (causal & (in.valid->view({B, 1, 1, L}) | diagonal)).contiguous();
+    }
+    attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, dropout,
+                                            /*is_causal=*/!attn_mask.has_value(), /*scale=*/std::nullopt,
+                                            /*enable_gqa=*/Hq != Hkv)
+               .transpose(1, 2);
+  } else if (L == 1) {
+    attn = ops::hetero_decode_attention(q.select(1, 0), cache->keys(layer), cache->values(layer), cache->lengths(layer), Hkv)
+               .unsqueeze(1);
+  } else {
+    // A chunk after cached tokens: expand the cached compact K/V on the fly (this path is for
+    // speculative / chunked continuation; plain decoding uses the compact kernel above).
+    std::vector<torch::Tensor> keys, values, positions, stored;
+    const auto pools_k = cache->keys(layer), pools_v = cache->values(layer), pools_pos = cache->positions(layer);
+    const auto lengths = cache->lengths(layer).to(x.device());
+    for (size_t e = 0; e < pools_k.size(); ++e) {
+      const int64_t g = o.group_sizes()[e];
+      keys.push_back(pools_k[e].repeat_interleave(g, 1));
+      values.push_back(pools_v[e].repeat_interleave(g, 1));
+      positions.push_back(pools_pos[e].to(torch::kLong));
+      stored.push_back(torch::arange(pools_k[e].size(2), lengths.options()).unsqueeze(0) < lengths.select(1, e).unsqueeze(1));
+    }
+    const auto key_pos = torch::cat(positions, 1), key_stored = torch::cat(stored, 1);  // [B, T]
+    const auto query_pos = (in.positions.dim() == 1 ? in.positions.unsqueeze(0).expand({B, L}) : in.positions);
+    const auto mask = key_stored.unsqueeze(1) & (key_pos.unsqueeze(1) <= query_pos.unsqueeze(2));  // [B, L, T]
+    attn = at::scaled_dot_product_attention(q.transpose(1, 2), torch::cat(keys, 2), torch::cat(values, 2),
+                                            mask.unsqueeze(1), dropout, false, std::nullopt, Hq != Hkv)
+               .transpose(1, 2);
+  }
+  return o_proj->forward(attn.reshape({B, L, Hq * d}));
+}
+
+MixSGAAttentionImpl::RoutingAgreement MixSGAAttentionImpl::routing_agreement(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& attention_mask) {
+  torch::NoGradGuard no_grad;
+  const auto in = check_inputs(x, attention_mask, std::nullopt, nullptr, 0);
+  const int64_t E = router->num_experts();
+  const auto scores = router->scores(x);
+  const auto argmax = router->argmax_route(scores);
+  const auto choice = router->route(scores, in.valid);
+  const auto valid = in.valid.has_value() ? *in.valid : torch::ones_like(argmax, torch::kBool);
+  const double n = std::max<double>(1.0, valid.sum().item<double>());
+  auto ratios = [&](const torch::Tensor& idx) {
+    return torch::one_hot(idx.masked_select(valid), E).sum(0).to(torch::kDouble).cpu() / n;
+  };
+  return {(argmax == choice).masked_select(valid).sum().item<double>() / n, ratios(argmax), ratios(choice)};
 }
 
 }  // namespace mixsga::nn

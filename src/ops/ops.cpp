@@ -50,6 +50,13 @@ at::Tensor expert_gather(const at::Tensor& x, const at::Tensor& permutation) {
   return op.call(x, permutation);
 }
 
+at::Tensor hetero_decode_attention(const at::Tensor& q, at::TensorList k_pools, at::TensorList v_pools,
+                                   const at::Tensor& lengths, int64_t num_kv_heads, std::optional<double> scale) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&, int64_t,
+                                      std::optional<double>)>("mixsga::hetero_decode_attention");
+  return op.call(q, k_pools, v_pools, lengths, num_kv_heads, scale);
+}
+
 at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t head_dim) {
   TORCH_CHECK_VALUE(weight.dim() >= 1, fmt::format("pool_kv_weight: weight must have at least one dim, got shape {}",
                                                  detail::shape_str(weight.sizes())));

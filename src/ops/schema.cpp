@@ -20,4 +20,7 @@ TORCH_LIBRARY(mixsga, m) {
   m.def("expert_scatter(Tensor x, Tensor permutation) -> Tensor");
   // Rows back to token order: out[permutation[i]] = x[i].
   m.def("expert_gather(Tensor x, Tensor permutation) -> Tensor");
+  // One decode query per sequence vs per-expert compact pools, merged by log-sum-exp: q [B,Hq,d] -> [B,Hq,d].
+  m.def("hetero_decode_attention(Tensor q, Tensor[] k_pools, Tensor[] v_pools, Tensor lengths, int num_kv_heads, "
+        "float? scale=None) -> Tensor");
 }

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "mixsga/cache.h"
 #include "mixsga/nn/router.h"
 #include "mixsga/nn/shared_group_kv.h"
 
@@ -68,18 +69,46 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
 
   /// @param hidden_states  [B, L, D].
   /// @param attention_mask optional [B, L] 0/1 padding mask (1 = real token). Padded keys are never
-  ///                       attended to; padded positions' outputs are finite but meaningless.
+  ///                       attended to (nor stored in a cache); padded positions' outputs are finite but
+  ///                       meaningless.
   /// @param position_ids   optional [B, L] or [L] positions; default arange(L), or cumsum(mask) - 1 when a
-  ///                       mask is given (so left padding keeps positions starting at 0).
-  /// @return (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux).
+  ///                       mask is given (so left padding keeps positions starting at 0), offset by the
+  ///                       tokens already in the cache.
+  /// @param cache          optional KV cache (inference). On an empty cache the call is a prefill: tokens
+  ///                       are routed by `prefill_routing`, stored compactly, and attend as without a
+  ///                       cache. On a non-empty cache tokens are routed by argmax (causal); a single
+  ///                       token (L = 1) attends through hetero_decode_attention over the compact
+  ///                       pools, a longer chunk through the cache's K/V expanded on the fly.
+  /// @param layer          this layer's index in the cache.
+  /// @return (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux; 0 for calls on a non-empty cache).
   std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& hidden_states,
                                                    const std::optional<torch::Tensor>& attention_mask = std::nullopt,
-                                                   const std::optional<torch::Tensor>& position_ids = std::nullopt);
+                                                   const std::optional<torch::Tensor>& position_ids = std::nullopt,
+                                                   HeteroKVCache* cache = nullptr, int64_t layer = 0);
 
   /// forward() plus the routing decisions.
   MixSGAForwardResult forward_with_routing(const torch::Tensor& hidden_states,
                                            const std::optional<torch::Tensor>& attention_mask = std::nullopt,
-                                           const std::optional<torch::Tensor>& position_ids = std::nullopt);
+                                           const std::optional<torch::Tensor>& position_ids = std::nullopt,
+                                           HeteroKVCache* cache = nullptr, int64_t layer = 0);
+
+  /// The layer with routing given instead of computed (teacher-forced routing, analysis, tests):
+  /// expert_idx [B, L] integer. No cache. Returns the output [B, L, D].
+  torch::Tensor forward_routed(const torch::Tensor& hidden_states, const torch::Tensor& expert_idx,
+                               const std::optional<torch::Tensor>& attention_mask = std::nullopt,
+                               const std::optional<torch::Tensor>& position_ids = std::nullopt);
+
+  /// Routing quality on given text: the fraction of valid tokens whose argmax expert equals their
+  /// expert-choice expert, and both assignments' per-expert ratios ([E] float64 each).
+  struct RoutingAgreement {
+    double agreement;
+    torch::Tensor argmax_ratios, expert_choice_ratios;
+  };
+  RoutingAgreement routing_agreement(const torch::Tensor& hidden_states,
+                                     const std::optional<torch::Tensor>& attention_mask = std::nullopt);
+
+  /// A cache options object matching this layer (num_kv_heads, head_dim, group sizes, dtype, device).
+  HeteroKVCacheOptions cache_options(int64_t num_layers = 1) const;
 
   /// KV budget of this layer relative to the base layer: sum_e ratios[e] / group_sizes[e].
   double kv_fraction() const;
@@ -96,6 +125,15 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
   SharedGroupKV kv{nullptr};
 
  private:
+  struct Inputs {
+    std::optional<torch::Tensor> valid;  // [B, L] bool
+    torch::Tensor positions;             // [B, L] or [L] int64
+  };
+  Inputs check_inputs(const torch::Tensor& x, const std::optional<torch::Tensor>& attention_mask,
+                      const std::optional<torch::Tensor>& position_ids, const HeteroKVCache* cache, int64_t layer) const;
+  torch::Tensor attend(const torch::Tensor& x, const torch::Tensor& expert_idx, const Inputs& in, HeteroKVCache* cache,
+                       int64_t layer, bool cache_was_empty);
+
   int64_t head_dim_ = 0;
 };
 TORCH_MODULE(MixSGAAttention);

@@ -135,6 +135,12 @@ std::tuple<at::Tensor, at::Tensor> expert_permutation_autograd(const at::Tensor&
   return ops::expert_permutation(expert_idx, num_experts);
 }
 
+at::Tensor hetero_decode_attention_autograd(const at::Tensor& q, at::TensorList k_pools, at::TensorList v_pools,
+                                            const at::Tensor& lengths, int64_t num_kv_heads, std::optional<double> scale) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::hetero_decode_attention(q, k_pools, v_pools, lengths, num_kv_heads, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixsga, Autograd, m) {
@@ -144,6 +150,7 @@ TORCH_LIBRARY_IMPL(mixsga, Autograd, m) {
   m.impl("expert_gather", &expert_gather_autograd);
   m.impl("route_expert_choice", &route_expert_choice_autograd);
   m.impl("expert_permutation", &expert_permutation_autograd);
+  m.impl("hetero_decode_attention", &hetero_decode_attention_autograd);
 }
 
 }  // namespace mixsga::autograd

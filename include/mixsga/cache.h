@@ -1,0 +1,124 @@
+#pragma once
+/// HeteroKVCache: the inference KV cache of mixSGA. A token routed to expert e is stored with only
+/// Hkv / g_e KV heads (never expanded), in per-layer, per-expert compact pools.
+
+#include <ATen/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace mixsga {
+
+/// Options of HeteroKVCache.
+struct HeteroKVCacheOptions {
+  /// Number of attention layers that store into this cache.
+  int64_t num_layers = 1;
+  /// Hkv: base KV heads of the model.
+  int64_t num_kv_heads = 1;
+  /// d: head dim.
+  int64_t head_dim = 64;
+  /// Group size per expert, finest first (e.g. {1, 2, 4}); each divides num_kv_heads.
+  std::vector<int64_t> group_sizes{1, 2, 4};
+  /// dtype and device of the stored K/V.
+  c10::ScalarType dtype = c10::kFloat;
+  c10::Device device = c10::kCPU;
+  /// Most tokens one sequence may hold per layer (0 = unlimited). Appending past it is an error and
+  /// leaves the cache as it was.
+  int64_t max_tokens = 0;
+  /// Capacity growth factor of a pool that runs out of room (amortised O(1) appends). >= 1.
+  double growth = 1.5;
+};
+
+/// Per-layer, per-expert compact K/V pools.
+///
+/// Layout of layer l, expert e: keys(l)[e] and values(l)[e] are [B, Hkv/g_e, T_e, d] views of pools
+/// with capacity >= T_e = max_b lengths(l)[b, e]; sequence b's tokens of expert e are the first
+/// lengths(l)[b, e] slots, in arrival order; positions(l)[e] ([B, T_e] int32) holds each slot's
+/// position in its sequence. Padding tokens are never stored. Keys are stored after RoPE.
+///
+/// Memory: a token of expert e costs 2 * (Hkv/g_e) * d * elem_size bytes of K/V plus 4 bytes of index
+/// (its int32 position; its expert is implied by the pool it lives in). bytes_stored() counts exactly that;
+/// bytes_used() counts what is allocated, which exceeds it by the growth slack (at most a factor
+/// `growth` + 16 slots per pool) and, for batch > 1, by the difference between the longest and each
+/// sequence of a pool (pools are rectangular over the batch). shrink_to_fit() removes the growth slack.
+class HeteroKVCache {
+ public:
+  explicit HeteroKVCache(HeteroKVCacheOptions options);
+
+  /// Appends tokens of one layer.
+  /// @param layer      in [0, num_layers).
+  /// @param keys       [B, L, Hkv, d] per-token K (after RoPE); a token of expert e is stored as the mean
+  ///                   of each group of g_e heads (exact for K from grouped_kv_proj, whose groups are equal).
+  /// @param values     [B, L, Hkv, d] per-token V.
+  /// @param expert_idx [B, L] integer expert per token.
+  /// @param valid      optional [B, L] mask; tokens with 0 are not stored (padding).
+  /// @param decode     count these tokens in the decode routing statistics (default: L == 1).
+  /// The first append fixes the batch size B until reset().
+  void append(int64_t layer, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& expert_idx,
+              const std::optional<at::Tensor>& valid = std::nullopt, std::optional<bool> decode = std::nullopt);
+
+  /// [B, Hkv/g_e, T_e, d] views of the stored keys / values of `layer`, one per expert.
+  std::vector<at::Tensor> keys(int64_t layer) const;
+  std::vector<at::Tensor> values(int64_t layer) const;
+  /// [B, T_e] int32 positions of the stored tokens, one per expert.
+  std::vector<at::Tensor> positions(int64_t layer) const;
+  /// [B, E] int64 tokens stored per sequence and expert.
+  at::Tensor lengths(int64_t layer) const;
+  /// [B] int64 tokens stored per sequence in `layer` (= the position of the sequence's next token).
+  at::Tensor seq_lengths(int64_t layer = 0) const;
+  /// Tokens stored per sequence in layer 0, or 0 before the first append.
+  int64_t max_seq_length(int64_t layer = 0) const;
+  /// Batch size fixed by the first append (0 before).
+  int64_t batch_size() const { return batch_; }
+
+  /// Beam search: keeps sequences beam_idx[i] as the new sequence i ([B'] int64, values in [0, B)).
+  void reorder(const at::Tensor& beam_idx);
+  /// Drops every token at position >= length (all layers).
+  void crop(int64_t length);
+  /// Empties the cache (keeps nothing allocated).
+  void reset();
+  /// Reallocates every pool to exactly the stored length (removes growth slack).
+  void shrink_to_fit();
+
+  /// Bytes allocated for K/V pools and indexes.
+  int64_t bytes_used() const;
+  /// Bytes the stored tokens need: sum over tokens and layers of 2 * (Hkv/g_e) * d * elem_size + 4.
+  int64_t bytes_stored() const;
+  /// bytes_used() / stored tokens (over all layers), 0 when empty.
+  double bytes_per_token() const;
+  /// Per-token bytes of an uncompressed cache of the same model: 2 * Hkv * d * elem_size per layer.
+  int64_t full_bytes_per_token() const;
+  /// [E] int64 tokens stored per expert in `layer` (summed over the batch).
+  at::Tensor token_counts(int64_t layer) const;
+  /// [E] float64 realised expert ratios of the tokens appended as decode steps in `layer`
+  /// (or over all layers when layer < 0); zeros before any decode step.
+  at::Tensor decode_ratios(int64_t layer = -1) const;
+
+  const HeteroKVCacheOptions& options() const { return options_; }
+  int64_t num_experts() const { return static_cast<int64_t>(options_.group_sizes.size()); }
+
+ private:
+  struct Pool {
+    at::Tensor keys, values;  // [B, Hkv/g, capacity, d]
+    at::Tensor positions;     // [B, capacity] int32
+  };
+  struct Layer {
+    std::vector<Pool> pools;      // one per expert
+    at::Tensor lengths;           // [B, E] int64 (CPU)
+    at::Tensor decode_counts;     // [E] int64 (CPU)
+  };
+
+  void check_layer(int64_t layer) const;
+  void ensure_capacity(Pool& pool, int64_t expert, int64_t needed);
+  int64_t capacity(const Pool& pool) const { return pool.keys.defined() ? pool.keys.size(2) : 0; }
+  int64_t stored_tokens() const;
+
+  HeteroKVCacheOptions options_;
+  int64_t batch_ = 0;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace mixsga

@@ -1,0 +1,313 @@
+#include "mixsga/cache.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <cmath>
+
+#include "ops/validation.h"
+
+namespace mixsga {
+
+namespace {
+constexpr int64_t kIndexBytesPerToken = sizeof(int32_t);  // the stored position
+constexpr int64_t kMinCapacity = 16;
+}  // namespace
+
+HeteroKVCache::HeteroKVCache(HeteroKVCacheOptions options) : options_(std::move(options)) {
+  const auto& o = options_;
+  TORCH_CHECK_VALUE(o.num_layers > 0, fmt::format("num_layers: must be > 0, got {}", o.num_layers));
+  TORCH_CHECK_VALUE(o.num_kv_heads > 0, fmt::format("num_kv_heads: must be > 0, got {}", o.num_kv_heads));
+  TORCH_CHECK_VALUE(o.head_dim > 0, fmt::format("head_dim: must be > 0, got {}", o.head_dim));
+  TORCH_CHECK_VALUE(o.max_tokens >= 0, fmt::format("max_tokens: must be >= 0 (0 = unlimited), got {}", o.max_tokens));
+  TORCH_CHECK_VALUE(std::isfinite(o.growth) && o.growth >= 1.0, fmt::format("growth: must be >= 1, got {}", o.growth));
+  detail::check_group_sizes(o.group_sizes, o.num_kv_heads);
+  TORCH_CHECK_TYPE(at::isFloatingType(o.dtype), fmt::format("dtype: must be a floating dtype, got {}", c10::toString(o.dtype)));
+  reset();
+}
+
+void HeteroKVCache::reset() {
+  batch_ = 0;
+  layers_.assign(options_.num_layers, Layer{});
+  for (auto& layer : layers_) {
+    layer.pools.assign(num_experts(), Pool{});
+    layer.lengths = at::zeros({0, num_experts()}, at::kLong);
+    layer.decode_counts = at::zeros({num_experts()}, at::kLong);
+  }
+}
+
+void HeteroKVCache::check_layer(int64_t layer) const {
+  TORCH_CHECK_INDEX(layer >= 0 && layer < options_.num_layers,
+                    fmt::format("layer: must be in [0, {}) (num_layers), got {}", options_.num_layers, layer));
+}
+
+void HeteroKVCache::ensure_capacity(Pool& pool, int64_t expert, int64_t needed) {
+  const int64_t old_capacity = capacity(pool);
+  if (needed <= old_capacity) return;
+  int64_t new_capacity = std::max({needed, static_cast<int64_t>(std::ceil(old_capacity * options_.growth)), kMinCapacity});
+  if (options_.max_tokens > 0) new_capacity = std::min(new_capacity, std::max(needed, options_.max_tokens));
+  const int64_t heads = options_.num_kv_heads / options_.group_sizes[expert];
+  const auto opts = at::TensorOptions().dtype(options_.dtype).device(options_.device);
+  Pool grown{at::zeros({batch_, heads, new_capacity, options_.head_dim}, opts),
+             at::zeros({batch_, heads, new_capacity, options_.head_dim}, opts),
+             at::zeros({batch_, new_capacity}, opts.dtype(at::kInt))};
+  if (old_capacity > 0) {
+    grown.keys.narrow(2, 0, old_capacity).copy_(pool.keys);
+    grown.values.narrow(2, 0, old_capacity).copy_(pool.values);
+    grown.positions.narrow(1, 0, old_capacity).copy_(pool.positions);
+  }
+  pool = std::move(grown);
+}
+
+void HeteroKVCache::append(int64_t layer, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& expert_idx,
+                           const std::optional<at::Tensor>& valid, std::optional<bool> decode) {
+  check_layer(layer);
+  const auto& o = options_;
+  const int64_t E = num_experts();
+  // Every check happens before the first write, so a rejected append leaves the cache as it was.
+  for (const auto& [t, name] : {std::pair{&keys, "keys"}, std::pair{&values, "values"}}) {
+    TORCH_CHECK_VALUE(t->defined() && t->dim() == 4 && t->size(2) == o.num_kv_heads && t->size(3) == o.head_dim,
+                      fmt::format("{}: expected shape [B, L, {}, {}] (num_kv_heads, head_dim), got {}", name, o.num_kv_heads,
+                                  o.head_dim, t->defined() ? detail::shape_str(t->sizes()) : "undefined"));
+    TORCH_CHECK_TYPE(t->scalar_type() == o.dtype, fmt::format("{}: expected the cache dtype {}, got {}", name,
+                                                              c10::toString(o.dtype), c10::toString(t->scalar_type())));
+    TORCH_CHECK_VALUE(t->device() == o.device, fmt::format("{}: expected the cache device {}, got {}", name,
+                                                           o.device.str(), t->device().str()));
+  }
+  TORCH_CHECK_VALUE(values.sizes().equals(keys.sizes()), fmt::format("values: expected the shape of keys {}, got {}",
+                                                                     detail::shape_str(keys.sizes()),
+                                                                     detail::shape_str(values.sizes())));
+  const int64_t B = keys.size(0), L = keys.size(1);
+  TORCH_CHECK_VALUE(batch_ == 0 || B == batch_,
+                    fmt::format("keys: batch size {} does not match the cache's batch size {} (reset() or reorder() "
+                                "to change it)", B, batch_));
+  detail::check_expert_idx(expert_idx, {B, L}, E, o.device);
+  at::Tensor is_valid;
+  if (valid.has_value() && valid->defined()) {
+    TORCH_CHECK_VALUE(valid->dim() == 2 && valid->size(0) == B && valid->size(1) == L,
+                      fmt::format("valid: expected shape [{}, {}], got {}", B, L, detail::shape_str(valid->sizes())));
+    TORCH_CHECK_VALUE(valid->device() == o.device, fmt::format("valid: expected the cache device {}, got {}",
+                                                               o.device.str(), valid->device().str()));
+    is_valid = valid->ne(0);
+  } else {
+    is_valid = at::ones({B, L}, at::TensorOptions().dtype(at::kBool).device(o.device));
+  }
+  if (batch_ == 0) {
+    batch_ = B;
+    for (auto& l : layers_) l.lengths = at::zeros({B, E}, at::kLong);
+  }
+  auto& state = layers_[layer];
+  const auto idx = expert_idx.to(at::kLong);
+  const auto seq_before = state.lengths.sum(1);                       // [B] CPU
+  const auto valid_counts = is_valid.sum(1).to(at::kCPU);            // [B]
+  if (o.max_tokens > 0 && B > 0) {
+    const auto after = seq_before + valid_counts;
+    const int64_t worst = after.max().item<int64_t>();
+    TORCH_CHECK_VALUE(worst <= o.max_tokens,
+                      fmt::format("keys: appending {} tokens would give a sequence {} tokens in layer {}, past "
+                                  "max_tokens = {}; the cache is unchanged", L, worst, layer, o.max_tokens));
+  }
+  if (B == 0 || L == 0) return;
+
+  // Position of each new token in its sequence: tokens already stored + valid tokens before it.
+  const auto positions = (seq_before.to(o.device).unsqueeze(1) + is_valid.to(at::kLong).cumsum(1) - 1).to(at::kInt);
+  auto lengths = state.lengths.clone();
+  std::vector<at::Tensor> counts(E);
+  for (int64_t e = 0; e < E; ++e) counts[e] = (is_valid & idx.eq(e)).sum(1).to(at::kCPU);
+  for (int64_t e = 0; e < E; ++e) {
+    const auto mine = is_valid & idx.eq(e);                          // [B, L]
+    const int64_t n_new = counts[e].sum().item<int64_t>();
+    if (n_new == 0) continue;
+    auto& pool = state.pools[e];
+    const auto new_lengths = lengths.select(1, e) + counts[e];
+    ensure_capacity(pool, e, new_lengths.max().item<int64_t>());
+    const int64_t g = o.group_sizes[e], heads = o.num_kv_heads / g;
+    const auto where = mine.nonzero();                               // [n_new, 2]: (b, t)
+    const auto b_idx = where.select(1, 0), t_idx = where.select(1, 1);
+    const auto slot = (lengths.select(1, e).to(o.device).unsqueeze(1) + mine.to(at::kLong).cumsum(1) - 1)
+                          .index({b_idx, t_idx});
+    // Mean over each group of g heads: exact for pooled K/V, the pooling itself for raw K/V.
+    auto compact = [&](const at::Tensor& kv) {
+      return kv.index({b_idx, t_idx}).view({n_new, heads, g, o.head_dim}).mean(2);
+    };
+    pool.keys.permute({0, 2, 1, 3}).index_put_({b_idx, slot}, compact(keys));
+    pool.values.permute({0, 2, 1, 3}).index_put_({b_idx, slot}, compact(values));
+    pool.positions.index_put_({b_idx, slot}, positions.index({b_idx, t_idx}));
+    lengths.select(1, e).copy_(new_lengths);
+  }
+  state.lengths = lengths;
+  if (decode.value_or(L == 1)) {
+    for (int64_t e = 0; e < E; ++e) state.decode_counts[e] += counts[e].sum();
+  }
+}
+
+std::vector<at::Tensor> HeteroKVCache::keys(int64_t layer) const {
+  check_layer(layer);
+  std::vector<at::Tensor> out;
+  const auto& state = layers_[layer];
+  for (int64_t e = 0; e < num_experts(); ++e) {
+    const auto& pool = state.pools[e];
+    const int64_t stored = batch_ == 0 ? 0 : state.lengths.select(1, e).max().item<int64_t>();
+    const int64_t heads = options_.num_kv_heads / options_.group_sizes[e];
+    out.push_back(pool.keys.defined()
+                      ? pool.keys.narrow(2, 0, stored)
+                      : at::empty({batch_, heads, 0, options_.head_dim},
+                                  at::TensorOptions().dtype(options_.dtype).device(options_.device)));
+  }
+  return out;
+}
+
+std::vector<at::Tensor> HeteroKVCache::values(int64_t layer) const {
+  auto out = keys(layer);
+  const auto& state = layers_[layer];
+  for (int64_t e = 0; e < num_experts(); ++e) {
+    if (state.pools[e].values.defined()) out[e] = state.pools[e].values.narrow(2, 0, out[e].size(2));
+  }
+  return out;
+}
+
+std::vector<at::Tensor> HeteroKVCache::positions(int64_t layer) const {
+  const auto k = keys(layer);
+  const auto& state = layers_[layer];
+  std::vector<at::Tensor> out;
+  for (int64_t e = 0; e < num_experts(); ++e) {
+    out.push_back(state.pools[e].positions.defined()
+                      ? state.pools[e].positions.narrow(1, 0, k[e].size(2))
+                      : at::empty({batch_, 0}, at::TensorOptions().dtype(at::kInt).device(options_.device)));
+  }
+  return out;
+}
+
+at::Tensor HeteroKVCache::lengths(int64_t layer) const {
+  check_layer(layer);
+  return layers_[layer].lengths.clone();
+}
+
+at::Tensor HeteroKVCache::seq_lengths(int64_t layer) const {
+  check_layer(layer);
+  return layers_[layer].lengths.sum(1);
+}
+
+int64_t HeteroKVCache::max_seq_length(int64_t layer) const {
+  return batch_ == 0 ? 0 : seq_lengths(layer).max().item<int64_t>();
+}
+
+void HeteroKVCache::reorder(const at::Tensor& beam_idx) {
+  TORCH_CHECK_VALUE(beam_idx.defined() && beam_idx.dim() == 1,
+                    fmt::format("beam_idx: expected a 1-D index tensor, got shape {}",
+                                beam_idx.defined() ? detail::shape_str(beam_idx.sizes()) : "undefined"));
+  TORCH_CHECK_TYPE(at::isIntegralType(beam_idx.scalar_type(), false),
+                   fmt::format("beam_idx: expected an integer dtype, got {}", c10::toString(beam_idx.scalar_type())));
+  if (batch_ == 0) return;
+  const auto idx = beam_idx.to(at::kLong).to(at::kCPU);
+  if (idx.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(idx);
+    TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < batch_,
+                      fmt::format("beam_idx: values must be in [0, {}) (the batch size), got values in [{}, {}]", batch_,
+                                  lo.item<int64_t>(), hi.item<int64_t>()));
+  }
+  const auto on_device = idx.to(options_.device);
+  for (auto& layer : layers_) {
+    for (auto& pool : layer.pools) {
+      if (!pool.keys.defined()) continue;
+      pool.keys = pool.keys.index_select(0, on_device);
+      pool.values = pool.values.index_select(0, on_device);
+      pool.positions = pool.positions.index_select(0, on_device);
+    }
+    layer.lengths = layer.lengths.index_select(0, idx);
+  }
+  batch_ = idx.size(0);
+}
+
+void HeteroKVCache::crop(int64_t length) {
+  TORCH_CHECK_VALUE(length >= 0, fmt::format("length: must be >= 0, got {}", length));
+  if (batch_ == 0) return;
+  for (auto& layer : layers_) {
+    for (int64_t e = 0; e < num_experts(); ++e) {
+      auto& pool = layer.pools[e];
+      if (!pool.keys.defined()) continue;
+      // Slots are filled in position order, so the kept tokens are a prefix of each pool row.
+      const auto slots = at::arange(capacity(pool), at::TensorOptions().dtype(at::kLong).device(options_.device));
+      const auto stored = slots.unsqueeze(0) < layer.lengths.select(1, e).to(options_.device).unsqueeze(1);
+      const auto kept = (stored & (pool.positions < length)).sum(1).to(at::kCPU);
+      layer.lengths.select(1, e).copy_(kept);
+    }
+  }
+}
+
+void HeteroKVCache::shrink_to_fit() {
+  for (auto& layer : layers_) {
+    for (int64_t e = 0; e < num_experts(); ++e) {
+      auto& pool = layer.pools[e];
+      if (!pool.keys.defined()) continue;
+      const int64_t stored = layer.lengths.select(1, e).max().item<int64_t>();
+      if (stored == 0) {
+        pool = Pool{};
+        continue;
+      }
+      pool.keys = pool.keys.narrow(2, 0, stored).clone();
+      pool.values = pool.values.narrow(2, 0, stored).clone();
+      pool.positions = pool.positions.narrow(1, 0, stored).clone();
+    }
+  }
+}
+
+int64_t HeteroKVCache::bytes_used() const {
+  int64_t bytes = 0;
+  for (const auto& layer : layers_) {
+    for (const auto& pool : layer.pools) {
+      if (!pool.keys.defined()) continue;
+      bytes += pool.keys.nbytes() + pool.values.nbytes() + pool.positions.nbytes();
+    }
+    bytes += layer.lengths.nbytes();
+  }
+  return bytes;
+}
+
+int64_t HeteroKVCache::bytes_stored() const {
+  int64_t bytes = 0;
+  const int64_t elem = c10::elementSize(options_.dtype);
+  for (const auto& layer : layers_) {
+    if (batch_ == 0) continue;
+    const auto per_expert = layer.lengths.sum(0);
+    for (int64_t e = 0; e < num_experts(); ++e) {
+      const int64_t heads = options_.num_kv_heads / options_.group_sizes[e];
+      bytes += per_expert[e].item<int64_t>() * (2 * heads * options_.head_dim * elem + kIndexBytesPerToken);
+    }
+  }
+  return bytes;
+}
+
+int64_t HeteroKVCache::stored_tokens() const {
+  return batch_ == 0 ? 0 : layers_.front().lengths.sum().item<int64_t>();
+}
+
+double HeteroKVCache::bytes_per_token() const {
+  const int64_t tokens = stored_tokens();
+  return tokens == 0 ? 0.0 : static_cast<double>(bytes_used()) / static_cast<double>(tokens);
+}
+
+int64_t HeteroKVCache::full_bytes_per_token() const {
+  return options_.num_layers * 2 * options_.num_kv_heads * options_.head_dim * c10::elementSize(options_.dtype);
+}
+
+at::Tensor HeteroKVCache::token_counts(int64_t layer) const {
+  check_layer(layer);
+  return batch_ == 0 ? at::zeros({num_experts()}, at::kLong) : layers_[layer].lengths.sum(0);
+}
+
+at::Tensor HeteroKVCache::decode_ratios(int64_t layer) const {
+  at::Tensor counts;
+  if (layer < 0) {
+    counts = at::zeros({num_experts()}, at::kLong);
+    for (const auto& l : layers_) counts += l.decode_counts;
+  } else {
+    check_layer(layer);
+    counts = layers_[layer].decode_counts;
+  }
+  const auto total = counts.sum().item<int64_t>();
+  return total == 0 ? at::zeros({num_experts()}, at::kDouble) : counts.to(at::kDouble) / static_cast<double>(total);
+}
+
+}  // namespace mixsga

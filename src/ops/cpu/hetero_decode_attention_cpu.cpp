@@ -1,0 +1,160 @@
+// CPU kernel of hetero_decode_attention: one query per sequence against per-expert compact K/V pools.
+//
+// Work item = (sequence b, expert e, compact KV head c): it streams that head's cached keys/values
+// once for every query head that maps onto it (g_e * Hq/Hkv heads), keeping a running softmax
+// (max, sum, weighted V) per query head in float32 (float64 for float64 inputs). A second pass merges the per-expert partials of
+// each (b, head) by log-sum-exp. The expanded K/V are never formed: each cached byte is read once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "ops/decode_attention_checks.h"
+
+namespace mixsga::cpu {
+namespace {
+
+constexpr int64_t kBlock = 32;  // tokens scored together before their V rows are accumulated
+
+struct PoolView {
+  const void* keys;
+  const void* values;
+  int64_t stride_b, stride_h, stride_t;  // in elements; the head dim is contiguous
+  int64_t vstride_b, vstride_h, vstride_t;
+  int64_t heads, group;                  // compact heads, group size
+};
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void attend_pool(const acc_t* q, int64_t nh, int64_t d, const scalar_t* keys, const scalar_t* values, int64_t n,
+                 int64_t kst, int64_t vst, acc_t* m, acc_t* l, acc_t* acc) {
+  acc_t scores[kBlock * 64];  // the caller hands over at most 64 query heads
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t T = std::min(kBlock, n - start);
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* k = keys + (start + t) * kst;
+      for (int64_t j = 0; j < nh; ++j) {
+        const acc_t* qj = q + j * d;
+        acc_t s = 0;
+        for (int64_t i = 0; i < d; ++i) s += qj[i] * static_cast<acc_t>(k[i]);
+        scores[j * kBlock + t] = s;
+      }
+    }
+    for (int64_t j = 0; j < nh; ++j) {
+      acc_t* sj = scores + j * kBlock;
+      acc_t block_max = sj[0];
+      for (int64_t t = 1; t < T; ++t) block_max = std::max(block_max, sj[t]);
+      const acc_t new_m = std::max(m[j], block_max);
+      const acc_t alpha = std::exp(m[j] - new_m);  // 0 when m[j] = -inf
+      l[j] *= alpha;
+      acc_t* aj = acc + j * d;
+      for (int64_t i = 0; i < d; ++i) aj[i] *= alpha;
+      for (int64_t t = 0; t < T; ++t) {
+        sj[t] = std::exp(sj[t] - new_m);
+        l[j] += sj[t];
+      }
+      m[j] = new_m;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* v = values + (start + t) * vst;
+      for (int64_t j = 0; j < nh; ++j) {
+        const acc_t p = scores[j * kBlock + t];
+        acc_t* aj = acc + j * d;
+        for (int64_t i = 0; i < d; ++i) aj[i] += p * static_cast<acc_t>(v[i]);
+      }
+    }
+  }
+}
+
+at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_pools, at::TensorList v_pools,
+                                       const at::Tensor& lengths, int64_t num_kv_heads, std::optional<double> scale) {
+  const auto shapes = detail::check_decode_attention_args(q, k_pools, v_pools, lengths, num_kv_heads);
+  const int64_t B = shapes.batch, Hq = shapes.query_heads, d = shapes.head_dim, E = shapes.experts;
+  const int64_t rep = Hq / num_kv_heads;
+  auto out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  if (B == 0 || Hq == 0) return out;
+  const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(d)));
+  const auto len = lengths.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* lp = len.const_data_ptr<int64_t>();
+
+  // Partial softmax state per (expert, b, query head), in float32 (float64 for float64 inputs).
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto part_m = at::full({E, B, Hq}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_dtype));
+  auto part_l = at::zeros({E, B, Hq}, q.options().dtype(acc_dtype));
+  auto part_acc = at::zeros({E, B, Hq, d}, q.options().dtype(acc_dtype));
+  const auto qc = q.contiguous();
+
+  // Work items: (b, e, c, head chunk) with at most 64 query heads each.
+  struct Item { int64_t b, e, c, h0, nh; };
+  std::vector<Item> items;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t e = 0; e < E; ++e) {
+      if (lp[b * E + e] == 0) continue;
+      const int64_t g = num_kv_heads / k_pools[e].size(1), per_head = g * rep;
+      for (int64_t c = 0; c < k_pools[e].size(1); ++c) {
+        for (int64_t off = 0; off < per_head; off += 64) {
+          items.push_back({b, e, c, c * per_head + off, std::min<int64_t>(64, per_head - off)});
+        }
+      }
+    }
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "hetero_decode_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* qp = qc.const_data_ptr<scalar_t>();
+    acc_t* mp = part_m.mutable_data_ptr<acc_t>();
+    acc_t* lsum = part_l.mutable_data_ptr<acc_t>();
+    acc_t* ap = part_acc.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> qf(64 * d);
+      for (int64_t w = begin; w < end; ++w) {
+        const auto& it = items[w];
+        const auto& K = k_pools[it.e];
+        const auto& V = v_pools[it.e];
+        for (int64_t j = 0; j < it.nh; ++j)
+          for (int64_t i = 0; i < d; ++i)
+            qf[j * d + i] = static_cast<acc_t>(qp[(it.b * Hq + it.h0 + j) * d + i]) * static_cast<acc_t>(softmax_scale);
+        const scalar_t* kp = K.const_data_ptr<scalar_t>() + it.b * K.stride(0) + it.c * K.stride(1);
+        const scalar_t* vp = V.const_data_ptr<scalar_t>() + it.b * V.stride(0) + it.c * V.stride(1);
+        const int64_t base = (it.e * B + it.b) * Hq + it.h0;
+        attend_pool<scalar_t>(qf.data(), it.nh, d, kp, vp, lp[it.b * E + it.e], K.stride(2), V.stride(2), mp + base,
+                              lsum + base, ap + base * d);
+      }
+    });
+    // Merge the experts' partials by log-sum-exp.
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * Hq, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        acc_t M = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t e = 0; e < E; ++e) M = std::max(M, mp[e * B * Hq + bh]);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        acc_t denom = 0;
+        if (M != -std::numeric_limits<acc_t>::infinity()) {
+          for (int64_t e = 0; e < E; ++e) {
+            const acc_t w = std::exp(mp[e * B * Hq + bh] - M);
+            if (w == 0) continue;
+            denom += w * lsum[e * B * Hq + bh];
+            const acc_t* a = ap + (e * B * Hq + bh) * d;
+            for (int64_t i = 0; i < d; ++i) acc[i] += w * a[i];
+          }
+        }
+        // A sequence with no cached token attends to nothing: its output is 0.
+        const acc_t inv = denom > 0 ? acc_t(1) / denom : acc_t(0);
+        for (int64_t i = 0; i < d; ++i) op[bh * d + i] = static_cast<scalar_t>(acc[i] * inv);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixsga, CPU, m) { m.impl("hetero_decode_attention", &hetero_decode_attention_cpu); }
+
+}  // namespace mixsga::cpu

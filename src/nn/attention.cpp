@@ -40,7 +40,8 @@ void MixSGAAttentionImpl::reset() {
                     fmt::format("aux_alpha: must be finite and >= 0, got {}", o.aux_alpha()));
   TORCH_CHECK_VALUE(o.attention_dropout() >= 0.0 && o.attention_dropout() < 1.0,
                     fmt::format("attention_dropout: must be in [0, 1), got {}", o.attention_dropout()));
-  TORCH_CHECK_VALUE(o.rope_theta() > 0.0, fmt::format("rope_theta: must be > 0, got {}", o.rope_theta()));
+  TORCH_CHECK_VALUE(std::isfinite(o.rope_theta()) && o.rope_theta() > 0.0,
+                    fmt::format("rope_theta: must be finite and > 0, got {}", o.rope_theta()));
 
   const int64_t D = o.hidden_size(), Hq = o.num_heads(), d = head_dim_;
   q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(D, Hq * d).bias(o.bias())));
@@ -107,6 +108,13 @@ MixSGAAttentionImpl::Inputs MixSGAAttentionImpl::check_inputs(const torch::Tenso
     TORCH_CHECK_VALUE(m.device() == x.device(), fmt::format("attention_mask: expected device {}, got {}",
                                                             x.device().str(), m.device().str()));
     in.valid = m.ne(0);
+    if (B > 0 && L > 0) {
+      const auto empty = in.valid->sum(1).eq(0).nonzero();
+      TORCH_CHECK_VALUE(empty.numel() == 0,
+                        fmt::format("attention_mask: sequence {} has no valid token (all padding); every sequence "
+                                    "needs at least one",
+                                    empty.numel() ? empty[0][0].item<int64_t>() : -1));
+    }
   }
   int64_t past_batch = 0;
   if (cache != nullptr) {
@@ -124,6 +132,8 @@ MixSGAAttentionImpl::Inputs MixSGAAttentionImpl::check_inputs(const torch::Tenso
   }
   if (position_ids.has_value() && position_ids->defined()) {
     in.positions = *position_ids;
+    TORCH_CHECK_TYPE(at::isIntegralType(in.positions.scalar_type(), false),
+                     fmt::format("position_ids: expected an integer dtype, got {}", c10::toString(in.positions.scalar_type())));
     TORCH_CHECK_VALUE((in.positions.dim() == 2 && in.positions.size(0) == B && in.positions.size(1) == L) ||
                           (in.positions.dim() == 1 && in.positions.size(0) == L),
                       fmt::format("position_ids: expected shape [{}, {}] or [{}], got {}", B, L, L,

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
+#include <cmath>
+
 #include "ops/validation.h"
 
 namespace mixsga::nn {
@@ -16,7 +18,9 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double t
                         (positions.dim() == 2 && positions.size(1) == L && (positions.size(0) == B || positions.size(0) == 1)),
                     fmt::format("positions: expected shape [{}, {}] or [{}], got {}", B, L, L,
                                 detail::shape_str(positions.sizes())));
-  TORCH_CHECK_VALUE(theta > 0.0, fmt::format("theta: must be > 0, got {}", theta));
+  TORCH_CHECK_TYPE(at::isIntegralType(positions.scalar_type(), false),
+                   fmt::format("positions: expected an integer dtype, got {}", c10::toString(positions.scalar_type())));
+  TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 0.0, fmt::format("theta: must be finite and > 0, got {}", theta));
   const auto angle_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = x.options().dtype(angle_dtype);
   const auto inv_freq = at::pow(theta, at::arange(0, d, 2, opts.dtype(at::kLong)).to(angle_dtype) / static_cast<double>(d))

@@ -5,6 +5,8 @@
 #include <torch/nn/functional/loss.h>
 #include <torch/nn/init.h>
 
+#include <limits>
+
 #include "mixsga/ops.h"
 #include "nn/module_checks.h"
 #include "ops/validation.h"
@@ -31,35 +33,48 @@ void ExpertChoiceRouterImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor ExpertChoiceRouterImpl::forward(const torch::Tensor& x) {
+  detail::check_floating(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == options.hidden_size(),
                     fmt::format("x: expected last dim {} (hidden_size), got shape {}", options.hidden_size(),
                                 detail::shape_str(x.sizes())));
+  TORCH_CHECK_TYPE(x.scalar_type() == proj->weight.scalar_type(),
+                   fmt::format("x: expected the parameters' dtype {}, got {}", c10::toString(proj->weight.scalar_type()),
+                               c10::toString(x.scalar_type())));
+  TORCH_CHECK_VALUE(x.device() == proj->weight.device(), fmt::format("x: expected the parameters' device {}, got {}",
+                                                                     proj->weight.device().str(), x.device().str()));
   return proj->forward(x);
+}
+
+void ExpertChoiceRouterImpl::check_scores(const torch::Tensor& scores) const {
+  detail::check_floating(scores, "scores");
+  TORCH_CHECK_VALUE(scores.dim() >= 1 && scores.size(-1) == num_experts(),
+                    fmt::format("scores: expected last dim {} (experts), got shape {}", num_experts(),
+                                detail::shape_str(scores.sizes())));
 }
 
 torch::Tensor ExpertChoiceRouterImpl::scores(const torch::Tensor& x) { return torch::sigmoid(forward(x)); }
 
 torch::Tensor ExpertChoiceRouterImpl::route(const torch::Tensor& scores, const std::optional<torch::Tensor>& valid_mask) const {
+  check_scores(scores);
   return ops::route_expert_choice(scores.detach(), options.ratios(), valid_mask);
 }
 
 torch::Tensor ExpertChoiceRouterImpl::argmax_route(const torch::Tensor& scores) const {
-  TORCH_CHECK_VALUE(scores.dim() >= 1 && scores.size(-1) == num_experts(),
-                    fmt::format("scores: expected last dim {} (experts), got shape {}", num_experts(),
-                                detail::shape_str(scores.sizes())));
-  // argmax returns the first maximum, so ties go to the finer expert, as in expert choice.
-  return scores.detach().argmax(-1);
+  check_scores(scores);
+  // argmax returns the first maximum, so ties go to the finer expert, as in expert choice. NaN ranks
+  // lowest, as in expert choice (torch.argmax would pick it).
+  const auto s = scores.detach();
+  return at::where(s.isnan(), -std::numeric_limits<double>::infinity(), s).argmax(-1);
 }
 
 torch::Tensor ExpertChoiceRouterImpl::aux_loss(const torch::Tensor& logits, const torch::Tensor& target,
                                                const std::optional<torch::Tensor>& valid_mask) const {
   namespace F = torch::nn::functional;
   const int64_t E = num_experts();
+  detail::check_floating(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) == E,
                     fmt::format("logits: expected last dim {} (experts), got shape {}", E, detail::shape_str(logits.sizes())));
-  TORCH_CHECK_VALUE(target.sizes().equals(logits.sizes().slice(0, logits.dim() - 1)),
-                    fmt::format("target: expected shape {}, got {}", detail::shape_str(logits.sizes().slice(0, logits.dim() - 1)),
-                                detail::shape_str(target.sizes())));
+  detail::check_expert_idx(target, logits.sizes().slice(0, logits.dim() - 1), E, logits.device(), "target");
   const auto acc = logits.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   const auto z = logits.to(acc).reshape({-1, E});
   const auto t = target.reshape({-1}).to(torch::kLong);

@@ -29,6 +29,13 @@ void SharedGroupKVImpl::pretty_print(std::ostream& stream) const {
 }
 
 std::tuple<torch::Tensor, torch::Tensor> SharedGroupKVImpl::forward(const torch::Tensor& x, const torch::Tensor& expert_idx) {
+  detail::check_floating(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == options.hidden_size(),
+                    fmt::format("x: expected last dim {} (hidden_size), got shape {}", options.hidden_size(),
+                                detail::shape_str(x.sizes())));
+  TORCH_CHECK_TYPE(x.scalar_type() == k_proj->weight.scalar_type(),
+                   fmt::format("x: expected the parameters' dtype {}, got {}", c10::toString(k_proj->weight.scalar_type()),
+                               c10::toString(x.scalar_type())));
   const auto& g = options.group_sizes();
   const int64_t d = options.head_dim();
   auto k = ops::grouped_kv_proj(x, k_proj->weight, k_proj->bias.defined() ? std::optional(k_proj->bias) : std::nullopt,

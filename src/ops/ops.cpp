@@ -14,17 +14,26 @@ template <typename Signature>
 auto find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
+
+// The dispatcher needs a defined tensor to pick a backend; say which argument was missing instead
+// of its generic "no tensor arguments" error.
+void require_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), fmt::format("{}: expected a tensor, got an undefined one", name));
+}
 }  // namespace
 
 at::Tensor route_expert_choice(const at::Tensor& scores, c10::ArrayRef<double> ratios,
                                const std::optional<at::Tensor>& valid_mask) {
   static auto op = find_op<at::Tensor(const at::Tensor&, c10::ArrayRef<double>, const std::optional<at::Tensor>&)>(
       "mixsga::route_expert_choice");
+  require_defined(scores, "scores");
   return op.call(scores, ratios, valid_mask);
 }
 
 at::Tensor grouped_kv_pool(const at::Tensor& kv, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes) {
   static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef)>("mixsga::grouped_kv_pool");
+  require_defined(kv, "kv");
+  require_defined(expert_idx, "expert_idx");
   return op.call(kv, expert_idx, group_sizes);
 }
 
@@ -32,21 +41,29 @@ at::Tensor grouped_kv_proj(const at::Tensor& x, const at::Tensor& weight, const 
                            const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
   static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                       const at::Tensor&, c10::IntArrayRef, int64_t)>("mixsga::grouped_kv_proj");
+  require_defined(x, "x");
+  require_defined(weight, "weight");
+  require_defined(expert_idx, "expert_idx");
   return op.call(x, weight, bias, expert_idx, group_sizes, head_dim);
 }
 
 std::tuple<at::Tensor, at::Tensor> expert_permutation(const at::Tensor& expert_idx, int64_t num_experts) {
   static auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>("mixsga::expert_permutation");
+  require_defined(expert_idx, "expert_idx");
   return op.call(expert_idx, num_experts);
 }
 
 at::Tensor expert_scatter(const at::Tensor& x, const at::Tensor& permutation) {
   static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("mixsga::expert_scatter");
+  require_defined(x, "x");
+  require_defined(permutation, "permutation");
   return op.call(x, permutation);
 }
 
 at::Tensor expert_gather(const at::Tensor& x, const at::Tensor& permutation) {
   static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("mixsga::expert_gather");
+  require_defined(x, "x");
+  require_defined(permutation, "permutation");
   return op.call(x, permutation);
 }
 
@@ -54,6 +71,8 @@ at::Tensor hetero_decode_attention(const at::Tensor& q, at::TensorList k_pools, 
                                    const at::Tensor& lengths, int64_t num_kv_heads, std::optional<double> scale) {
   static auto op = find_op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&, int64_t,
                                       std::optional<double>)>("mixsga::hetero_decode_attention");
+  require_defined(q, "q");
+  require_defined(lengths, "lengths");
   return op.call(q, k_pools, v_pools, lengths, num_kv_heads, scale);
 }
 

@@ -5,10 +5,6 @@
 // message (what_without_backtrace) names the argument and shows the value seen. Some cases also check
 // that a failed call leaves its inputs (and a module's parameters) unchanged.
 //
-// Cases marked "KNOWN GAP" pin today's behaviour where the library's error is weaker than the rest
-// (a generic c10::Error, or a message that names another argument); they are there so that a fix is
-// noticed. Update the expectation together with the fix.
-//
 // Devices: the ops' own device checks cannot be reached from a CPU-only test (a Meta tensor mixed with
 // CPU ones is dispatched to the Meta key, which has no kernel and throws c10::NotImplementedError before
 // any mixsga check runs). The modules check devices before dispatching, so Meta tensors are used there.
@@ -496,11 +492,12 @@ TEST(BadInput, RouterForwardRejectsBadX) {
   expect_params_unchanged(before, *router);
 }
 
-// KNOWN GAP: forward does not check x's dtype; at::linear fails with a generic c10::Error that does not
-// name x (router.cpp, ExpertChoiceRouterImpl::forward).
-TEST(BadInput, RouterForwardWrongDtypeIsAGenericError) {
+// forward: x must be floating and in the parameters' dtype.
+TEST(BadInput, RouterForwardRejectsWrongDtype) {
   mnn::ExpertChoiceRouter router(mnn::ExpertChoiceRouterOptions(8));
-  expect_error<c10::Error>([&] { router->forward(torch::rand({2, 5, 8}, torch::kDouble)); }, {"double", "float"});
+  expect_error<c10::TypeError>([&] { router->forward(torch::rand({2, 5, 8}, torch::kDouble)); },
+                               {"x", "parameters' dtype Float", "got Double"});
+  expect_error<c10::TypeError>([&] { router->forward(torch::ones({2, 5, 8}, torch::kLong)); }, {"x", "Long"});
 }
 
 // route: the op's checks (scores rank / dtype, valid_mask shape / all padding).
@@ -511,23 +508,22 @@ TEST(BadInput, RouterRouteRejectsBadInput) {
   expect_error<c10::TypeError>([&] { router->route(torch::ones({2, 5, 3}, torch::kLong)); }, {"scores", "Long"});
   expect_error<c10::ValueError>([&] { router->route(scores, torch::ones({2, 6})); }, {"valid_mask", "got [2, 6]"});
   expect_error<c10::ValueError>([&] { router->route(scores, torch::zeros({2, 5})); }, {"valid_mask", "sequence 0"});
-  // KNOWN GAP: scores with 4 expert columns for a 3-expert router blame `ratios`, not `scores`.
   expect_error<c10::ValueError>([&] { router->route(torch::rand({2, 5, 4})); },
-                                {"ratios", "expected 4 ratios", "got 3"});
+                                {"scores", "last dim 3 (experts)", "[2, 5, 4]"});
 }
 
-// argmax_route: last dim must be the number of experts; NaN follows torch.argmax (NaN wins).
+// argmax_route: last dim must be the number of experts; NaN ranks lowest, as in route().
 TEST(BadInput, RouterArgmaxRouteRejectsBadScores) {
   mnn::ExpertChoiceRouter router(mnn::ExpertChoiceRouterOptions(8));
   expect_error<c10::ValueError>([&] { router->argmax_route(torch::rand({2, 5, 4})); },
                                 {"scores", "last dim 3 (experts)", "[2, 5, 4]"});
   expect_error<c10::ValueError>([&] { router->argmax_route(torch::tensor(0.5f)); }, {"scores", "got shape []"});
-  // NaN / Inf: no crash, indices stay in range. Unlike route(), where NaN ranks lowest, argmax_route
-  // picks the NaN expert (torch.argmax treats NaN as the maximum); see the report.
+  expect_error<c10::TypeError>([&] { router->argmax_route(long_full({2, 3}, 1)); }, {"scores", "Long"});
+  // NaN / Inf: no crash, indices stay in range, NaN never wins (torch.argmax alone would pick it).
   const auto s = torch::tensor({{0.1f, std::nanf(""), 0.9f}, {0.2f, 0.3f, static_cast<float>(kInf)}});
   const auto idx = router->argmax_route(s);
   EXPECT_TRUE(((idx >= 0) & (idx < 3)).all().item<bool>());
-  EXPECT_EQ(idx[0].item<int64_t>(), 1);
+  EXPECT_EQ(idx[0].item<int64_t>(), 2);
   EXPECT_EQ(idx[1].item<int64_t>(), 2);
 }
 
@@ -545,18 +541,19 @@ TEST(BadInput, RouterAuxLossRejectsBadShapes) {
                                 {"valid_mask", "expected shape [2, 5]", "got [2, 4]"});
 }
 
-// KNOWN GAP: aux_loss does not validate target's values or dtype. Out-of-range targets surface as
-// cross_entropy's IndexError (which does not name `target`) or, for "bce", as one_hot's generic
-// c10::Error; a float target is silently truncated (router.cpp, ExpertChoiceRouterImpl::aux_loss).
-TEST(BadInput, RouterAuxLossTargetValuesAreNotValidated) {
+// aux_loss: target values must be expert indices of an integer dtype, for every loss kind.
+TEST(BadInput, RouterAuxLossRejectsBadTargets) {
   const auto logits = torch::randn({2, 5, 3});
-  mnn::ExpertChoiceRouter ce(mnn::ExpertChoiceRouterOptions(8));
-  expect_error<c10::IndexError>([&] { ce->aux_loss(logits, long_full({2, 5}, 5)); }, {"Target 5", "out of bounds"});
-  expect_error<c10::IndexError>([&] { ce->aux_loss(logits, long_full({2, 5}, -1)); }, {"Target -1"});
-  mnn::ExpertChoiceRouter bce(mnn::ExpertChoiceRouterOptions(8).aux_loss("bce"));
-  expect_error<c10::Error>([&] { bce->aux_loss(logits, long_full({2, 5}, 5)); }, {"num_classes"});
-  const auto truncated = ce->aux_loss(logits, torch::full({2, 5}, 1.7));
-  EXPECT_TRUE(torch::allclose(truncated, ce->aux_loss(logits, long_full({2, 5}, 1))));
+  for (const std::string kind : {"sigmoid_ce", "logit_ce", "bce"}) {
+    SCOPED_TRACE(kind);
+    mnn::ExpertChoiceRouter router(mnn::ExpertChoiceRouterOptions(8).aux_loss(kind));
+    expect_error<c10::ValueError>([&] { router->aux_loss(logits, long_full({2, 5}, 5)); },
+                                  {"target", "[0, 3)", "[5, 5]"});
+    expect_error<c10::ValueError>([&] { router->aux_loss(logits, long_full({2, 5}, -1)); }, {"target", "[-1, -1]"});
+    expect_error<c10::TypeError>([&] { router->aux_loss(logits, torch::full({2, 5}, 1.7)); }, {"target", "Float"});
+    expect_error<c10::TypeError>([&] { router->aux_loss(long_full({2, 5, 3}, 1), long_full({2, 5}, 1)); },
+                                 {"logits", "Long"});
+  }
 }
 
 // =============================================================================================
@@ -587,11 +584,10 @@ TEST(BadInput, SharedGroupKVForwardRejectsBadInput) {
   expect_error<c10::ValueError>([&] { kv->forward(x, long_full({2, 5}, 3)); }, {"expert_idx", "[0, 3)", "[3, 3]"});
   expect_error<c10::TypeError>([&] { kv->forward(torch::ones({2, 5, 8}, torch::kInt), long_full({2, 5}, 0)); },
                                {"x", "Int"});
-  // KNOWN GAP: a wrong x dtype or width is reported against `weight` (the op's argument), not `x`.
   expect_error<c10::TypeError>([&] { kv->forward(x.to(torch::kDouble), long_full({2, 5}, 0)); },
-                               {"dtype of x (Double)", "got Float"});
+                               {"x", "parameters' dtype Float", "got Double"});
   expect_error<c10::ValueError>([&] { kv->forward(torch::rand({2, 5, 7}), long_full({2, 5}, 0)); },
-                                {"D = x.size(-1)", "7"});
+                                {"x", "last dim 8 (hidden_size)", "[2, 5, 7]"});
   expect_params_unchanged(before, *kv);
 }
 
@@ -711,7 +707,7 @@ TEST(BadInput, AttentionForwardRejectsBadMaskAndPositions) {
 }
 
 // An all-padding sequence in attention_mask is rejected (by the routing op, hence the name).
-// KNOWN GAP: the message names `valid_mask` (route_expert_choice's argument), not `attention_mask`.
+// An all-padding sequence is named against attention_mask, the argument the caller passed.
 TEST(BadInput, AttentionForwardRejectsAllPaddingSequence) {
   for (const std::string mode : {"expert_choice", "argmax"}) {
     SCOPED_TRACE(mode);
@@ -722,7 +718,7 @@ TEST(BadInput, AttentionForwardRejectsAllPaddingSequence) {
     mask[2].zero_();
     const auto before = snapshot({x, mask});
     expect_error<c10::ValueError>([&] { attn->forward(x, mask); }, {"sequence 2", "no valid token", "all padding"});
-    expect_error<c10::ValueError>([&] { attn->forward(x, mask); }, {"valid_mask"});
+    expect_error<c10::ValueError>([&] { attn->forward(x, mask); }, {"attention_mask"});
     expect_unchanged(before, {x, mask});
     expect_params_unchanged(params, *attn);
   }

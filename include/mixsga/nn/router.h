@@ -40,7 +40,8 @@ class ExpertChoiceRouterImpl : public torch::nn::Cloneable<ExpertChoiceRouterImp
   torch::Tensor scores(const torch::Tensor& x);
   /// Expert-choice assignment from scores [B, L, E] and an optional [B, L] valid mask -> [B, L] int64.
   torch::Tensor route(const torch::Tensor& scores, const std::optional<torch::Tensor>& valid_mask = std::nullopt) const;
-  /// Causal per-token routing: argmax over experts of scores [*, E] -> [*] int64.
+  /// Causal per-token routing: argmax over experts of scores [*, E] -> [*] int64 (ties and NaN as in
+  /// expert choice: the finer expert wins a tie, NaN ranks lowest).
   torch::Tensor argmax_route(const torch::Tensor& scores) const;
   /// Unscaled aux loss (the kind in options) of logits [B, L, E] against target expert indices [B, L],
   /// averaged over valid tokens. Returns a 0-dim tensor in float32 (float64 for float64 logits).
@@ -51,6 +52,9 @@ class ExpertChoiceRouterImpl : public torch::nn::Cloneable<ExpertChoiceRouterImp
 
   ExpertChoiceRouterOptions options;
   torch::nn::Linear proj{nullptr};
+
+ private:
+  void check_scores(const torch::Tensor& scores) const;
 };
 TORCH_MODULE(ExpertChoiceRouter);
 

@@ -1,0 +1,267 @@
+// mixsga._C: the pybind11 module of the Python package.
+//
+// The ops reach Python through the dispatcher (torch.ops.mixsga.*, registered when libmixsga loads),
+// not through this module. What is here is what is not an op: the C++ modules, so that Python can
+// drive (and test against) exactly the code a LibTorch user runs, plus a few C++ helpers. Each module
+// is bound with torch::python::bind_module, which makes it a torch.nn.Module subclass in Python
+// (parameters(), named_parameters(), state_dict(), train()/eval(), to()).
+#include <dlfcn.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/python.h>
+
+#include <map>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "mixsga/mixsga.h"
+
+namespace py = pybind11;
+
+namespace mixsga::python {
+namespace {
+
+using OptTensor = std::optional<torch::Tensor>;
+
+// The path of the libmixsga this module is linked to: what C++ code loaded into the same process (or
+// a LibTorch program built against the installed package) must use so the ops register only once.
+std::string library_path() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<const void*>(&mixsga::ops::kv_fraction), &info) == 0 || info.dli_fname == nullptr) {
+    throw std::runtime_error("mixsga: could not locate libmixsga (dladdr failed)");
+  }
+  return info.dli_fname;
+}
+
+// c10 errors carry a C++ backtrace in what(); Python users get the message alone, as a ValueError /
+// TypeError / IndexError like the ops raise through torch.ops. Registered module-locally so torch's
+// own translation of its errors is untouched.
+void translate_c10_errors() {
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::IndexError& e) {
+      PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+    } catch (const c10::NotImplementedError& e) {
+      PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
+}
+
+// torch::python::bind_module gives parameters() / named_parameters() / train() / to(), but
+// torch.nn.Module's state_dict() would recurse into the C++ children, which are not Python modules.
+// These make the C++ module interchangeable with its Python twin for checkpoints and parity tests.
+template <typename Class>
+Class& add_state_dict(Class& cls) {
+  using Module = typename Class::type;
+  cls.def(
+         "state_dict",
+         [](Module& module) {
+           py::dict state;  // insertion-ordered, like torch's OrderedDict
+           for (const auto& item : module.named_parameters()) state[py::str(item.key())] = item.value().detach();
+           for (const auto& item : module.named_buffers()) state[py::str(item.key())] = item.value().detach();
+           return state;
+         },
+         "Parameters and buffers by name (detached, sharing storage), as torch.nn.Module.state_dict().")
+      .def(
+          "load_state_dict",
+          [](Module& module, const std::map<std::string, torch::Tensor>& state, bool strict) {
+            torch::NoGradGuard no_grad;
+            std::vector<std::string> missing;
+            auto load = [&](const std::string& name, torch::Tensor& target) {
+              const auto it = state.find(name);
+              if (it == state.end()) {
+                missing.push_back(name);
+                return;
+              }
+              TORCH_CHECK_VALUE(it->second.sizes().equals(target.sizes()),
+                                fmt::format("state_dict: '{}' has shape [{}], the module expects [{}]", name,
+                                            fmt::join(it->second.sizes(), ", "), fmt::join(target.sizes(), ", ")));
+              target.copy_(it->second);
+            };
+            auto params = module.named_parameters();
+            auto buffers = module.named_buffers();
+            std::vector<std::string> unexpected;
+            for (const auto& item : state) {
+              if (!params.contains(item.first) && !buffers.contains(item.first)) unexpected.push_back(item.first);
+            }
+            if (strict) {
+              TORCH_CHECK_VALUE(unexpected.empty(),
+                                fmt::format("state_dict: unexpected keys [{}]", fmt::join(unexpected, ", ")));
+            }
+            for (auto& item : params) load(item.key(), item.value());
+            for (auto& item : buffers) load(item.key(), item.value());
+            if (strict) {
+              TORCH_CHECK_VALUE(missing.empty(), fmt::format("state_dict: missing keys [{}]", fmt::join(missing, ", ")));
+            }
+            return py::make_tuple(missing, unexpected);
+          },
+          py::arg("state_dict"), py::arg("strict") = true,
+          "Copies tensors into the parameters and buffers of the same names; strict: the keys must match "
+          "exactly. Returns (missing_keys, unexpected_keys).");
+  // Replaces (not overloads) bind_module's __repr__/__str__, which print only the type name.
+  for (const char* name : {"__repr__", "__str__"}) {
+    cls.attr(name) = py::cpp_function(
+        [](Module& module) { return c10::str(static_cast<torch::nn::Module&>(module)); }, py::is_method(cls),
+        py::name(name));
+  }
+  return cls;
+}
+
+py::tuple routing_tuple(const nn::MixSGAForwardResult& r) {
+  return py::make_tuple(r.output, r.aux_loss, r.expert_idx, r.target_idx);
+}
+
+void bind_router(py::module_& m) {
+  using nn::ExpertChoiceRouterImpl;
+  auto cls = torch::python::bind_module<ExpertChoiceRouterImpl, /*force_enable=*/true>(m, "ExpertChoiceRouter");
+  add_state_dict(cls)
+      .def(py::init([](int64_t hidden_size, std::vector<double> ratios, std::string aux_loss) {
+             return std::make_shared<ExpertChoiceRouterImpl>(
+                 nn::ExpertChoiceRouterOptions(hidden_size, std::move(ratios)).aux_loss(std::move(aux_loss)));
+           }),
+           py::arg("hidden_size"), py::arg("ratios") = std::vector<double>{0.3, 0.1, 0.6},
+           py::arg("aux_loss") = "sigmoid_ce",
+           "Linear(hidden_size, E) + sigmoid router; E = len(ratios). Mirrors mixsga.nn.ExpertChoiceRouter.")
+      .def("forward", &ExpertChoiceRouterImpl::forward, py::arg("x"), "Router logits: [*, D] -> [*, E].")
+      .def("__call__", &ExpertChoiceRouterImpl::forward, py::arg("x"))
+      .def("scores", &ExpertChoiceRouterImpl::scores, py::arg("x"), "Sigmoid scores: [*, D] -> [*, E].")
+      .def("route", &ExpertChoiceRouterImpl::route, py::arg("scores"), py::arg("valid_mask") = py::none(),
+           "Expert-choice assignment: scores [B, L, E], valid_mask [B, L] -> [B, L] int64.")
+      .def("argmax_route", &ExpertChoiceRouterImpl::argmax_route, py::arg("scores"),
+           "Causal argmax routing: scores [*, E] -> [*] int64.")
+      .def("aux_loss", &ExpertChoiceRouterImpl::aux_loss, py::arg("logits"), py::arg("target"),
+           py::arg("valid_mask") = py::none(),
+           "Unscaled aux loss of logits [B, L, E] against target [B, L], mean over valid tokens (0-dim).")
+      .def_property_readonly("num_experts", &ExpertChoiceRouterImpl::num_experts)
+      .def_property_readonly("ratios", [](const ExpertChoiceRouterImpl& r) { return r.options.ratios(); })
+      .def_property_readonly("aux_loss_kind", [](const ExpertChoiceRouterImpl& r) { return r.options.aux_loss(); });
+}
+
+void bind_shared_group_kv(py::module_& m) {
+  using nn::SharedGroupKVImpl;
+  auto cls = torch::python::bind_module<SharedGroupKVImpl, /*force_enable=*/true>(m, "SharedGroupKV");
+  add_state_dict(cls)
+      .def(py::init([](int64_t hidden_size, int64_t num_kv_heads, int64_t head_dim, std::vector<int64_t> group_sizes,
+                       bool bias) {
+             return std::make_shared<SharedGroupKVImpl>(nn::SharedGroupKVOptions(hidden_size, num_kv_heads, head_dim)
+                                                            .group_sizes(std::move(group_sizes))
+                                                            .bias(bias));
+           }),
+           py::arg("hidden_size"), py::arg("num_kv_heads"), py::arg("head_dim"),
+           py::arg("group_sizes") = std::vector<int64_t>{1, 2, 4}, py::arg("bias") = false,
+           "The weight-shared K/V projections of all experts. Mirrors mixsga.nn.SharedGroupKV.")
+      .def("forward", &SharedGroupKVImpl::forward, py::arg("x"), py::arg("expert_idx"),
+           "(K, V), each [B, L, Hkv, d], from x [B, L, D] and expert_idx [B, L].")
+      .def("__call__", &SharedGroupKVImpl::forward, py::arg("x"), py::arg("expert_idx"))
+      .def(
+          "expert_weights",
+          [](const SharedGroupKVImpl& kv, int64_t expert, bool key) {
+            auto [w, b] = kv.expert_weights(expert, key);
+            return py::make_tuple(w, b.defined() ? py::cast(b) : py::none());
+          },
+          py::arg("expert"), py::arg("key") = true,
+          "Pooled (weight [(Hkv/g_e)*d, D], bias [(Hkv/g_e)*d] or None) of one expert for K or V.");
+}
+
+void bind_attention(py::module_& m) {
+  using nn::MixSGAAttentionImpl;
+  auto forward = [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos) {
+    return a.forward(x, mask, pos);
+  };
+  auto cls = torch::python::bind_module<MixSGAAttentionImpl, /*force_enable=*/true>(m, "MixSGAAttention");
+  add_state_dict(cls)
+      .def(py::init([](int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, std::optional<int64_t> head_dim,
+                       std::vector<int64_t> group_sizes, std::vector<double> ratios, bool bias, double rope_theta,
+                       std::string aux_loss, double aux_alpha, std::string prefill_routing, bool detach_router_input,
+                       double attention_dropout) {
+             // head_dim None means hidden_size / num_heads; the C++ options spell that 0, so 0 itself
+             // must not slip through as "derive it".
+             TORCH_CHECK_VALUE(!head_dim.has_value() || *head_dim > 0,
+                               fmt::format("head_dim: must be > 0 or None, got {}", head_dim.value_or(0)));
+             return std::make_shared<MixSGAAttentionImpl>(nn::MixSGAAttentionOptions(hidden_size, num_heads, num_kv_heads)
+                                                              .head_dim(head_dim.value_or(0))
+                                                              .group_sizes(std::move(group_sizes))
+                                                              .ratios(std::move(ratios))
+                                                              .bias(bias)
+                                                              .rope_theta(rope_theta)
+                                                              .aux_loss(std::move(aux_loss))
+                                                              .aux_alpha(aux_alpha)
+                                                              .prefill_routing(std::move(prefill_routing))
+                                                              .detach_router_input(detach_router_input)
+                                                              .attention_dropout(attention_dropout));
+           }),
+           py::arg("hidden_size"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim") = py::none(),
+           py::arg("group_sizes") = std::vector<int64_t>{1, 2, 4}, py::arg("ratios") = std::vector<double>{0.3, 0.1, 0.6},
+           py::arg("bias") = false, py::arg("rope_theta") = 10000.0, py::arg("aux_loss") = "sigmoid_ce",
+           py::arg("aux_alpha") = 0.1, py::arg("prefill_routing") = "expert_choice",
+           py::arg("detach_router_input") = false, py::arg("attention_dropout") = 0.0,
+           "The C++ mixsga::nn::MixSGAAttention; same arguments, parameter names and shapes as "
+           "mixsga.nn.MixSGAAttention.")
+      .def("forward", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
+           py::arg("position_ids") = py::none(),
+           "(output [B, L, D], aux_loss 0-dim) from hidden_states [B, L, D], an optional [B, L] 0/1 padding "
+           "mask and optional [B, L] or [L] positions.")
+      .def("__call__", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
+           py::arg("position_ids") = py::none())
+      .def(
+          "forward_with_routing",
+          [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos) {
+            return routing_tuple(a.forward_with_routing(x, mask, pos));
+          },
+          py::arg("hidden_states"), py::arg("attention_mask") = py::none(), py::arg("position_ids") = py::none(),
+          "(output [B, L, D], aux_loss, expert_idx [B, L] int64 (the expert each token's K/V used), "
+          "target_idx [B, L] int64 (the expert-choice assignment, the aux loss target)).")
+      .def("kv_fraction", &MixSGAAttentionImpl::kv_fraction, "sum_e ratios[e] / group_sizes[e].")
+      .def_property_readonly("head_dim", &MixSGAAttentionImpl::head_dim)
+      .def_property_readonly("options", [](const MixSGAAttentionImpl& a) {
+        const auto& o = a.options;
+        py::dict d;
+        d["hidden_size"] = o.hidden_size();
+        d["num_heads"] = o.num_heads();
+        d["num_kv_heads"] = o.num_kv_heads();
+        d["head_dim"] = a.head_dim();
+        d["group_sizes"] = o.group_sizes();
+        d["ratios"] = o.ratios();
+        d["bias"] = o.bias();
+        d["rope_theta"] = o.rope_theta();
+        d["aux_loss"] = o.aux_loss();
+        d["aux_alpha"] = o.aux_alpha();
+        d["prefill_routing"] = o.prefill_routing();
+        d["detach_router_input"] = o.detach_router_input();
+        d["attention_dropout"] = o.attention_dropout();
+        return d;
+      });
+}
+
+}  // namespace
+}  // namespace mixsga::python
+
+PYBIND11_MODULE(_C, m) {
+  using namespace mixsga;
+  m.doc() = "mixsga C++ bindings: the C++ modules and helpers (the ops are torch.ops.mixsga.*).";
+  python::translate_c10_errors();
+  python::bind_router(m);
+  python::bind_shared_group_kv(m);
+  python::bind_attention(m);
+  // bind_module creates the Python classes while the module initialises; name them after it.
+  for (const char* name : {"ExpertChoiceRouter", "SharedGroupKV", "MixSGAAttention"}) {
+    m.attr(name).attr("__module__") = m.attr("__name__");
+    m.attr(name).attr("__qualname__") = name;
+  }
+  m.def("library_path", &python::library_path, "Absolute path of the loaded libmixsga shared library.");
+  m.def("kv_fraction", &ops::kv_fraction, py::arg("group_sizes"), py::arg("ratios"),
+        "KV budget relative to the base model: sum_e ratios[e] / group_sizes[e] (validates both).");
+  m.def("pool_kv_weight", &ops::pool_kv_weight, py::arg("weight"), py::arg("group_size"), py::arg("head_dim"),
+        "Pools the rows of a K/V weight [Hkv*d, ...] (or bias) over groups of group_size heads.");
+  m.def("apply_rope", &nn::apply_rope, py::arg("x"), py::arg("positions"), py::arg("theta") = 10000.0,
+        "The C++ RoPE (Hugging Face Llama convention): x [B, L, H, d], positions [B, L] or [L].");
+}

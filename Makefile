@@ -30,6 +30,8 @@ test: build
 
 demo: build
 	@$(BUILD)/examples/cpp/mixsga_quickstart
+	@echo
+	@$(BUILD)/examples/cpp/mixsga_generate
 
 install: build
 	@cmake --install $(BUILD) --prefix $(or $(PREFIX),$(CURDIR)/$(BUILD)/_install)

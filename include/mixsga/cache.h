@@ -30,6 +30,8 @@ struct HeteroKVCacheOptions {
   int64_t max_tokens = 0;
   /// Capacity growth factor of a pool that runs out of room (amortised O(1) appends). >= 1.
   double growth = 1.5;
+  /// Append through ATen ops only (the path non-CPU devices take) even on CPU; for testing that path.
+  bool portable_append = false;
 };
 
 /// Per-layer, per-expert compact K/V pools.
@@ -112,6 +114,8 @@ class HeteroKVCache {
   };
 
   void check_layer(int64_t layer) const;
+  void append_cpu(Layer& state, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& idx,
+                  const at::Tensor& is_valid, bool decode);
   void ensure_capacity(Pool& pool, int64_t expert, int64_t needed);
   int64_t capacity(const Pool& pool) const { return pool.keys.defined() ? pool.keys.size(2) : 0; }
   int64_t stored_tokens() const;

@@ -1,6 +1,8 @@
 #include "mixsga/cache.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -109,6 +111,10 @@ void HeteroKVCache::append(int64_t layer, const at::Tensor& keys, const at::Tens
                                   "max_tokens = {}; the cache is unchanged", L, worst, layer, o.max_tokens));
   }
   if (B == 0 || L == 0) return;
+  if (o.device.is_cpu() && !o.portable_append) {
+    append_cpu(state, keys, values, idx, is_valid, decode.value_or(L == 1));
+    return;
+  }
 
   // Position of each new token in its sequence: tokens already stored + valid tokens before it.
   const auto positions = (seq_before.to(o.device).unsqueeze(1) + is_valid.to(at::kLong).cumsum(1) - 1).to(at::kInt);
@@ -139,6 +145,72 @@ void HeteroKVCache::append(int64_t layer, const at::Tensor& keys, const at::Tens
   state.lengths = lengths;
   if (decode.value_or(L == 1)) {
     for (int64_t e = 0; e < E; ++e) state.decode_counts[e] += counts[e].sum();
+  }
+}
+
+// The CPU path of append: one pass to count, one to copy. A decode step is a few hundred bytes
+// per layer, so per-op overhead (not bandwidth) decides its cost; this keeps it to plain loops.
+void HeteroKVCache::append_cpu(Layer& state, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& idx,
+                               const at::Tensor& is_valid, bool decode) {
+  const auto& o = options_;
+  const int64_t B = keys.size(0), L = keys.size(1), E = num_experts(), d = o.head_dim, H = o.num_kv_heads;
+  const auto idx_c = idx.contiguous();
+  const auto valid_c = is_valid.contiguous();
+  const int64_t* ip = idx_c.const_data_ptr<int64_t>();
+  const bool* vp = valid_c.const_data_ptr<bool>();
+  auto lengths = state.lengths.clone();
+  int64_t* lp = lengths.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> seq_before(B, 0), wanted(E, 0), new_counts(E, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<int64_t> per_expert(lp + b * E, lp + (b + 1) * E);
+    for (int64_t e = 0; e < E; ++e) seq_before[b] += per_expert[e];
+    for (int64_t t = 0; t < L; ++t)
+      if (vp[b * L + t]) ++per_expert[ip[b * L + t]];
+    for (int64_t e = 0; e < E; ++e) wanted[e] = std::max(wanted[e], per_expert[e]);
+  }
+  for (int64_t e = 0; e < E; ++e) ensure_capacity(state.pools[e], e, wanted[e]);
+
+  const auto k = keys.contiguous(), v = values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "hetero_kv_cache_append", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> acc(d);
+    // Writes the group means of token row `src` [H, d] into slot `slot` of a [B, H/g, cap, d] pool.
+    auto write = [&](const scalar_t* src, at::Tensor& pool, int64_t b, int64_t slot, int64_t g) {
+      scalar_t* base = pool.mutable_data_ptr<scalar_t>();
+      const int64_t heads = H / g, cap = pool.size(2);
+      for (int64_t c = 0; c < heads; ++c) {
+        scalar_t* dst = base + ((b * heads + c) * cap + slot) * d;
+        const scalar_t* row = src + c * g * d;
+        if (g == 1) {
+          std::copy(row, row + d, dst);
+          continue;
+        }
+        for (int64_t i = 0; i < d; ++i) acc[i] = static_cast<acc_t>(row[i]);
+        for (int64_t h = 1; h < g; ++h)
+          for (int64_t i = 0; i < d; ++i) acc[i] += static_cast<acc_t>(row[h * d + i]);
+        const acc_t inv = acc_t(1) / static_cast<acc_t>(g);
+        for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<scalar_t>(acc[i] * inv);
+      }
+    };
+    const scalar_t* kp = k.const_data_ptr<scalar_t>();
+    const scalar_t* vp_ = v.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t position = seq_before[b];
+      for (int64_t t = 0; t < L; ++t) {
+        if (!vp[b * L + t]) continue;
+        const int64_t e = ip[b * L + t], g = o.group_sizes[e];
+        auto& pool = state.pools[e];
+        const int64_t slot = lp[b * E + e]++;
+        write(kp + (b * L + t) * H * d, pool.keys, b, slot, g);
+        write(vp_ + (b * L + t) * H * d, pool.values, b, slot, g);
+        pool.positions.mutable_data_ptr<int32_t>()[b * pool.positions.size(1) + slot] = static_cast<int32_t>(position++);
+        ++new_counts[e];
+      }
+    }
+  });
+  state.lengths = lengths;
+  if (decode) {
+    for (int64_t e = 0; e < E; ++e) state.decode_counts[e] += new_counts[e];
   }
 }
 

@@ -201,6 +201,31 @@ TEST(HeteroKVCache, ReorderAndCrop) {
   EXPECT_EQ(cache.batch_size(), 0);
 }
 
+TEST(HeteroKVCache, PortableAppendPathMatchesTheCPUPath) {
+  torch::manual_seed(9);
+  mixsga::HeteroKVCacheOptions o;
+  o.num_kv_heads = 4;
+  o.head_dim = 8;
+  HeteroKVCache fast(o);
+  o.portable_append = true;
+  HeteroKVCache portable(o);
+  for (int step = 0; step < 6; ++step) {
+    const int64_t L = step == 0 ? 9 : 1;
+    const auto k = torch::randn({3, L, 4, 8}), v = torch::randn({3, L, 4, 8});
+    const auto idx = torch::randint(0, 3, {3, L});
+    const auto valid = step == 0 ? (torch::rand({3, L}) > 0.3) : torch::ones({3, L}, torch::kBool);
+    fast.append(0, k, v, idx, valid);
+    portable.append(0, k, v, idx, valid);
+  }
+  EXPECT_TRUE(torch::equal(fast.lengths(0), portable.lengths(0)));
+  for (int64_t e = 0; e < 3; ++e) {
+    EXPECT_TRUE(torch::allclose(fast.keys(0)[e], portable.keys(0)[e], 1e-6, 1e-6));
+    EXPECT_TRUE(torch::allclose(fast.values(0)[e], portable.values(0)[e], 1e-6, 1e-6));
+    EXPECT_TRUE(torch::equal(fast.positions(0)[e], portable.positions(0)[e]));
+  }
+  EXPECT_TRUE(torch::equal(fast.decode_ratios(), portable.decode_ratios()));
+}
+
 // ---- memory -----------------------------------------------------------------------------------------
 
 TEST(HeteroKVCache, MemoryIdentity) {

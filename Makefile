@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= $(JOBS)
 
 CMAKE_FLAGS ?=
 
-.PHONY: all bootstrap configure build test demo install clean
+.PHONY: all bootstrap configure build test demo install bench clean
 
 all: build
 
@@ -38,3 +38,11 @@ install: build
 
 clean:
 	rm -rf $(BUILD) $(BUILD).configure.log
+
+# Google Benchmark binaries; console tables plus JSON in out/bench/.
+bench: build
+	@mkdir -p out/bench
+	@for b in bench_layer bench_decode; do \
+	  $(BUILD)/benchmarks/$$b --benchmark_out=out/bench/$$b.json --benchmark_out_format=json $(BENCH_ARGS) || exit 1; \
+	done
+	@echo "JSON results in out/bench/"

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ops/decode_attention_checks.h"
@@ -20,54 +21,147 @@
 namespace mixsga::cpu {
 namespace {
 
-constexpr int64_t kBlock = 32;  // tokens scored together before their V rows are accumulated
+constexpr int64_t kBlock = 64;     // tokens scored together before their V rows are accumulated
+constexpr int64_t kMaxHeads = 64;  // query heads per work item (more are split into several items)
 
-struct PoolView {
-  const void* keys;
-  const void* values;
-  int64_t stride_b, stride_h, stride_t;  // in elements; the head dim is contiguous
-  int64_t vstride_b, vstride_h, vstride_t;
-  int64_t heads, group;                  // compact heads, group size
-};
+}  // namespace
+
+// The float32 inner loops, compiled for AVX-512 and AVX2 as well as baseline x86-64; the loader picks
+// the best the CPU supports (GCC function multiversioning), so the library still runs anywhere.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MIXSGA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define MIXSGA_CPU_CLONES
+#endif
+
+namespace simd {
+
+/// Online-softmax update of nh query heads (q pre-scaled, [nh, d]) with a block of T keys / values
+/// ([T, d] each, float32, contiguous): m / l / acc hold each head's running max, sum and weighted V.
+MIXSGA_CPU_CLONES void attend_block_f32(const float* q, int64_t nh, int64_t d, const float* keys, const float* values,
+                                        int64_t T, float* m, float* l, float* acc) {
+  float scores[kMaxHeads * kBlock];
+  for (int64_t j = 0; j < nh; ++j) {
+    const float* qj = q + j * d;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* k = keys + t * d;
+      // 16 partial sums: the compiler keeps them in vector registers (a plain reduction would not
+      // be vectorised without -ffast-math).
+      float part[16] = {};
+      int64_t i = 0;
+      for (; i + 16 <= d; i += 16)
+        for (int u = 0; u < 16; ++u) part[u] += qj[i + u] * k[i + u];
+      float s = 0.f;
+      for (int u = 0; u < 16; ++u) s += part[u];
+      for (; i < d; ++i) s += qj[i] * k[i];
+      scores[j * kBlock + t] = s;
+    }
+  }
+  for (int64_t j = 0; j < nh; ++j) {
+    float* sj = scores + j * kBlock;
+    float block_max = sj[0];
+    for (int64_t t = 1; t < T; ++t) block_max = sj[t] > block_max ? sj[t] : block_max;
+    const float new_m = m[j] > block_max ? m[j] : block_max;
+    const float alpha = std::exp(m[j] - new_m);  // 0 when m[j] = -inf
+    float sum = 0.f;
+    for (int64_t t = 0; t < T; ++t) {
+      sj[t] = std::exp(sj[t] - new_m);
+      sum += sj[t];
+    }
+    l[j] = l[j] * alpha + sum;
+    m[j] = new_m;
+    float* aj = acc + j * d;
+    for (int64_t i = 0; i < d; ++i) aj[i] *= alpha;
+    for (int64_t t = 0; t < T; ++t) {
+      const float p = sj[t];
+      const float* v = values + t * d;
+      for (int64_t i = 0; i < d; ++i) aj[i] += p * v[i];
+    }
+  }
+}
+
+/// Widens `rows` rows of d elements (row stride `stride`) to a contiguous float32 block.
+MIXSGA_CPU_CLONES void widen_bf16(const c10::BFloat16* src, int64_t rows, int64_t d, int64_t stride, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* in = reinterpret_cast<const uint16_t*>(src + r * stride);
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst + r * d);
+    for (int64_t i = 0; i < d; ++i) out[i] = static_cast<uint32_t>(in[i]) << 16;  // bf16 is the top half of f32
+  }
+}
+
+}  // namespace simd
+
+namespace {
+
+// float32 / bfloat16 / float16 pools: widen each block to float32 (a no-op view for contiguous
+// float32 rows) and run the vectorised block update.
+template <typename scalar_t>
+void attend_pool_fast(const float* q, int64_t nh, int64_t d, const scalar_t* keys, const scalar_t* values, int64_t n,
+                      int64_t kst, int64_t vst, float* m, float* l, float* acc, std::vector<float>& kbuf,
+                      std::vector<float>& vbuf) {
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t T = std::min(kBlock, n - start);
+    const scalar_t* kb = keys + start * kst;
+    const scalar_t* vb = values + start * vst;
+    const float* kf;
+    const float* vf;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (kst == d && vst == d) {
+        kf = kb;
+        vf = vb;
+      } else {
+        for (int64_t t = 0; t < T; ++t) {
+          std::copy(kb + t * kst, kb + t * kst + d, kbuf.data() + t * d);
+          std::copy(vb + t * vst, vb + t * vst + d, vbuf.data() + t * d);
+        }
+        kf = kbuf.data();
+        vf = vbuf.data();
+      }
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      simd::widen_bf16(kb, T, d, kst, kbuf.data());
+      simd::widen_bf16(vb, T, d, vst, vbuf.data());
+      kf = kbuf.data();
+      vf = vbuf.data();
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < d; ++i) {
+          kbuf[t * d + i] = static_cast<float>(kb[t * kst + i]);
+          vbuf[t * d + i] = static_cast<float>(vb[t * vst + i]);
+        }
+      kf = kbuf.data();
+      vf = vbuf.data();
+    }
+    simd::attend_block_f32(q, nh, d, kf, vf, T, m, l, acc);
+  }
+}
+
+// float64 pools: the same online softmax in double, plain loops (a reference-grade path).
+void attend_pool_f64(const double* q, int64_t nh, int64_t d, const double* keys, const double* values, int64_t n,
+                     int64_t kst, int64_t vst, double* m, double* l, double* acc) {
+  for (int64_t t = 0; t < n; ++t) {
+    const double* k = keys + t * kst;
+    const double* v = values + t * vst;
+    for (int64_t j = 0; j < nh; ++j) {
+      double s = 0;
+      for (int64_t i = 0; i < d; ++i) s += q[j * d + i] * k[i];
+      const double new_m = std::max(m[j], s);
+      const double alpha = std::exp(m[j] - new_m), p = std::exp(s - new_m);
+      l[j] = l[j] * alpha + p;
+      m[j] = new_m;
+      double* aj = acc + j * d;
+      for (int64_t i = 0; i < d; ++i) aj[i] = aj[i] * alpha + p * v[i];
+    }
+  }
+}
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void attend_pool(const acc_t* q, int64_t nh, int64_t d, const scalar_t* keys, const scalar_t* values, int64_t n,
-                 int64_t kst, int64_t vst, acc_t* m, acc_t* l, acc_t* acc) {
-  acc_t scores[kBlock * 64];  // the caller hands over at most 64 query heads
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t T = std::min(kBlock, n - start);
-    for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* k = keys + (start + t) * kst;
-      for (int64_t j = 0; j < nh; ++j) {
-        const acc_t* qj = q + j * d;
-        acc_t s = 0;
-        for (int64_t i = 0; i < d; ++i) s += qj[i] * static_cast<acc_t>(k[i]);
-        scores[j * kBlock + t] = s;
-      }
-    }
-    for (int64_t j = 0; j < nh; ++j) {
-      acc_t* sj = scores + j * kBlock;
-      acc_t block_max = sj[0];
-      for (int64_t t = 1; t < T; ++t) block_max = std::max(block_max, sj[t]);
-      const acc_t new_m = std::max(m[j], block_max);
-      const acc_t alpha = std::exp(m[j] - new_m);  // 0 when m[j] = -inf
-      l[j] *= alpha;
-      acc_t* aj = acc + j * d;
-      for (int64_t i = 0; i < d; ++i) aj[i] *= alpha;
-      for (int64_t t = 0; t < T; ++t) {
-        sj[t] = std::exp(sj[t] - new_m);
-        l[j] += sj[t];
-      }
-      m[j] = new_m;
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* v = values + (start + t) * vst;
-      for (int64_t j = 0; j < nh; ++j) {
-        const acc_t p = scores[j * kBlock + t];
-        acc_t* aj = acc + j * d;
-        for (int64_t i = 0; i < d; ++i) aj[i] += p * static_cast<acc_t>(v[i]);
-      }
-    }
+                 int64_t kst, int64_t vst, acc_t* m, acc_t* l, acc_t* acc, std::vector<float>& kbuf,
+                 std::vector<float>& vbuf) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    attend_pool_f64(q, nh, d, keys, values, n, kst, vst, m, l, acc);
+  } else {
+    attend_pool_fast<scalar_t>(q, nh, d, keys, values, n, kst, vst, m, l, acc, kbuf, vbuf);
   }
 }
 
@@ -89,7 +183,7 @@ at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_poo
   auto part_acc = at::zeros({E, B, Hq, d}, q.options().dtype(acc_dtype));
   const auto qc = q.contiguous();
 
-  // Work items: (b, e, c, head chunk) with at most 64 query heads each.
+  // Work items: (b, e, c, head chunk) with at most kMaxHeads query heads each.
   struct Item { int64_t b, e, c, h0, nh; };
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {
@@ -97,8 +191,8 @@ at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_poo
       if (lp[b * E + e] == 0) continue;
       const int64_t g = num_kv_heads / k_pools[e].size(1), per_head = g * rep;
       for (int64_t c = 0; c < k_pools[e].size(1); ++c) {
-        for (int64_t off = 0; off < per_head; off += 64) {
-          items.push_back({b, e, c, c * per_head + off, std::min<int64_t>(64, per_head - off)});
+        for (int64_t off = 0; off < per_head; off += kMaxHeads) {
+          items.push_back({b, e, c, c * per_head + off, std::min<int64_t>(kMaxHeads, per_head - off)});
         }
       }
     }
@@ -111,7 +205,8 @@ at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_poo
     acc_t* lsum = part_l.mutable_data_ptr<acc_t>();
     acc_t* ap = part_acc.mutable_data_ptr<acc_t>();
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> qf(64 * d);
+      std::vector<acc_t> qf(kMaxHeads * d);
+      std::vector<float> kbuf(kBlock * d), vbuf(kBlock * d);
       for (int64_t w = begin; w < end; ++w) {
         const auto& it = items[w];
         const auto& K = k_pools[it.e];
@@ -123,7 +218,7 @@ at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_poo
         const scalar_t* vp = V.const_data_ptr<scalar_t>() + it.b * V.stride(0) + it.c * V.stride(1);
         const int64_t base = (it.e * B + it.b) * Hq + it.h0;
         attend_pool<scalar_t>(qf.data(), it.nh, d, kp, vp, lp[it.b * E + it.e], K.stride(2), V.stride(2), mp + base,
-                              lsum + base, ap + base * d);
+                              lsum + base, ap + base * d, kbuf, vbuf);
       }
     });
     // Merge the experts' partials by log-sum-exp.

@@ -5,10 +5,12 @@
 // is sum_e n_e/g_e of a full projection) and the compact result is written back, repeated g_e times
 // along the head axis, into the token's own output row.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
 #include <fmt/format.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "mixsga/ops.h"
@@ -52,6 +54,27 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t heads, int64_t head_
   return shape;
 }
 
+// out[row_i, c * g + r, :] = compact[i, c, :] for every r < g: one pass over the output, parallel
+// over tokens (instead of materialising the repeat and then index-copying it).
+void scatter_repeated(const at::Tensor& compact, const at::Tensor& rows, bool identity_rows, int64_t g, int64_t d,
+                      at::Tensor& out) {
+  const int64_t n = compact.size(0), row_elems = compact.size(1), heads = row_elems / d;
+  const auto src = compact.contiguous();
+  const int64_t* rp = identity_rows ? nullptr : rows.const_data_ptr<int64_t>();
+  const int64_t out_row = heads * g * d, bytes = d * static_cast<int64_t>(src.element_size());
+  const auto* sp = static_cast<const char*>(src.const_data_ptr());
+  auto* op = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t elem = static_cast<int64_t>(src.element_size());
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, out_row)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const char* in = sp + i * row_elems * elem;
+      char* dst = op + (rp ? rp[i] : i) * out_row * elem;
+      for (int64_t c = 0; c < heads; ++c)
+        for (int64_t r = 0; r < g; ++r) std::memcpy(dst + (c * g + r) * bytes, in + c * bytes, bytes);
+    }
+  });
+}
+
 at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
@@ -75,18 +98,13 @@ at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, co
   for (size_t e = 0; e < group_sizes.size(); ++e) {
     const int64_t n_e = off[e + 1] - off[e];
     if (n_e == 0) continue;
-    const int64_t g = group_sizes[e], compact_heads = s.heads / g;
+    const int64_t g = group_sizes[e];
     const bool all_tokens = n_e == s.tokens;  // one expert owns everything: no gather/scatter needed
     const auto rows = perm.narrow(0, off[e], n_e);
     const auto xe = all_tokens ? x2 : x2.index_select(0, rows);
     const auto we = ops::pool_kv_weight(weight, g, s.head_dim);
     const auto ye = has_bias ? at::addmm(ops::pool_kv_weight(*bias, g, s.head_dim), xe, we.t()) : at::mm(xe, we.t());
-    const auto expanded = ye.view({n_e, compact_heads, 1, s.head_dim}).expand({n_e, compact_heads, g, s.head_dim});
-    if (all_tokens) {
-      out.view({n_e, compact_heads, g, s.head_dim}).copy_(expanded);
-    } else {
-      out.index_copy_(0, rows, expanded.reshape({n_e, s.heads, s.head_dim}));
-    }
+    scatter_repeated(ye, rows, all_tokens, g, s.head_dim, out);
   }
   return out.view(out_shape(x, s.heads, s.head_dim));
 }

@@ -258,7 +258,12 @@ PYBIND11_MODULE(_C, m) {
     m.attr(name).attr("__qualname__") = name;
   }
   m.def("library_path", &python::library_path, "Absolute path of the loaded libmixsga shared library.");
-  m.def("kv_fraction", &ops::kv_fraction, py::arg("group_sizes"), py::arg("ratios"),
+  m.def(
+      "kv_fraction",
+      [](const std::vector<int64_t>& group_sizes, const std::vector<double>& ratios) {
+        return ops::kv_fraction(group_sizes, ratios);
+      },
+      py::arg("group_sizes"), py::arg("ratios"),
         "KV budget relative to the base model: sum_e ratios[e] / group_sizes[e] (validates both).");
   m.def("pool_kv_weight", &ops::pool_kv_weight, py::arg("weight"), py::arg("group_size"), py::arg("head_dim"),
         "Pools the rows of a K/V weight [Hkv*d, ...] (or bias) over groups of group_size heads.");

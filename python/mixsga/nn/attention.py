@@ -1,0 +1,309 @@
+"""MixSGAAttention: causal self-attention whose tokens are routed to weight-shared grouped KV experts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import (
+    check_floating,
+    check_group_sizes,
+    check_positive,
+    check_prefill_routing,
+    check_ratios,
+    check_tensor,
+    shape_str,
+)
+from .._kv_fraction import kv_fraction
+from .functional import apply_rope, default_positions, padding_attention_mask
+from .router import ExpertChoiceRouter
+
+
+class MixSGAOutput(NamedTuple):
+    """Everything a forward pass decided (MixSGAAttention.forward_with_routing)."""
+
+    output: torch.Tensor  #: [B, L, D]
+    aux_loss: torch.Tensor  #: 0-dim, aux_alpha * L_aux (float32; float64 for float64 input)
+    expert_idx: torch.Tensor  #: [B, L] int64, the expert each token's K/V used
+    target_idx: torch.Tensor  #: [B, L] int64, the expert-choice assignment (the aux loss target)
+
+
+class RoutingAgreement(NamedTuple):
+    """How well argmax routing (decode) reproduces expert choice (prefill) on given text."""
+
+    agreement: float  #: fraction of valid tokens whose argmax expert equals their expert-choice expert
+    argmax_ratios: torch.Tensor  #: [E] float64, realised per-expert ratios of argmax routing
+    expert_choice_ratios: torch.Tensor  #: [E] float64, per-expert ratios of expert choice
+
+
+class MixSGAAttention(nn.Module):
+    """A Llama-style causal self-attention layer with mixSGA KV experts (METHOD.md), built from
+    torch.ops.mixsga.* so torch.compile traces it without graph breaks.
+
+    Same constructor arguments, parameter names and shapes as the C++ mixsga::nn::MixSGAAttention, and the
+    same numerics (routing, RoPE, padding, attention mask, aux loss), so weights move freely between them.
+
+    Args:
+        hidden_size: D, the model width.
+        num_heads: Hq, query heads.
+        num_kv_heads: Hkv, base KV heads; must divide num_heads.
+        head_dim: d; None (default) means hidden_size / num_heads, which must then divide evenly. Even.
+        group_sizes: KV group size per expert, finest first, strictly increasing, each dividing Hkv.
+            Default (1, 2, 4): experts keep Hkv, Hkv/2, Hkv/4 KV heads per token.
+        ratios: capacity ratio per expert, summing to 1. Default (0.3, 0.1, 0.6), a 50 % KV budget.
+        bias: biases on the q/k/v/o projections. Default False.
+        rope_theta: RoPE base. Default 10000.
+        aux_loss: "sigmoid_ce" (default), "logit_ce" or "bce"; see ExpertChoiceRouter.
+        aux_alpha: the layer returns aux_alpha * L_aux (>= 0). Default 0.1.
+        prefill_routing: "expert_choice" (default; capacity-exact, non-causal across the prompt) or
+            "argmax" (per-token argmax, fully causal).
+        detach_router_input: feed the router a detached input, so the aux loss trains only the router.
+            Default False.
+        attention_dropout: dropout on attention probabilities while training, in [0, 1). Default 0.
+
+    Submodules: q_proj nn.Linear(D, Hq*d); k_proj, v_proj nn.Linear(D, Hkv*d) (shared by all experts);
+    o_proj nn.Linear(Hq*d, D); router ExpertChoiceRouter (proj nn.Linear(D, E)).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int | None = None,
+        group_sizes: Sequence[int] = (1, 2, 4),
+        ratios: Sequence[float] = (0.3, 0.1, 0.6),
+        bias: bool = False,
+        rope_theta: float = 10000.0,
+        aux_loss: str = "sigmoid_ce",
+        aux_alpha: float = 0.1,
+        prefill_routing: str = "expert_choice",
+        detach_router_input: bool = False,
+        attention_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_positive(hidden_size, "hidden_size")
+        check_positive(num_heads, "num_heads")
+        check_positive(num_kv_heads, "num_kv_heads")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads: must divide num_heads ({num_heads}), got {num_kv_heads}")
+        if head_dim is None:
+            if hidden_size % num_heads != 0:
+                raise ValueError(
+                    f"num_heads: must divide hidden_size ({hidden_size}) when head_dim is not given, got {num_heads}"
+                )
+            head_dim = hidden_size // num_heads
+        else:
+            check_positive(head_dim, "head_dim")
+        if head_dim % 2 != 0:
+            raise ValueError(f"head_dim: must be even (RoPE rotates pairs), got {head_dim}")
+        self.group_sizes = check_group_sizes(group_sizes, num_kv_heads)
+        self.ratios = check_ratios(ratios, len(self.group_sizes))
+        self.prefill_routing = check_prefill_routing(prefill_routing)
+        if not (math.isfinite(aux_alpha) and aux_alpha >= 0.0):
+            raise ValueError(f"aux_alpha: must be finite and >= 0, got {aux_alpha}")
+        if not 0.0 <= attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout: must be in [0, 1), got {attention_dropout}")
+        if not rope_theta > 0.0:
+            raise ValueError(f"rope_theta: must be > 0, got {rope_theta}")
+
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = (
+            hidden_size,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        )
+        self.rope_theta = float(rope_theta)
+        self.aux_alpha = float(aux_alpha)
+        self.detach_router_input = bool(detach_router_input)
+        self.attention_dropout = float(attention_dropout)
+        # Registration order = parameter order of the C++ module (q, k, v, o, router).
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.router = ExpertChoiceRouter(hidden_size, self.ratios, aux_loss)
+
+    @property
+    def aux_loss_kind(self) -> str:
+        return self.router.aux_loss_kind
+
+    def kv_fraction(self) -> float:
+        """KV budget of this layer relative to the base layer: sum_e ratios[e] / group_sizes[e]."""
+        return kv_fraction(self.group_sizes, self.ratios)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, group_sizes={self.group_sizes}, ratios={self.ratios}, "
+            f"kv_fraction={self.kv_fraction():.4g}, aux_loss={self.aux_loss_kind!r}, aux_alpha={self.aux_alpha}, "
+            f"prefill_routing={self.prefill_routing!r}"
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal self-attention with routed KV experts.
+
+        Args:
+            hidden_states: [B, L, D], the parameters' dtype and device.
+            attention_mask: optional [B, L] 0/1 padding mask (1 = real token). Padded keys are never
+                attended to; padded positions' outputs are finite but meaningless. Every sequence needs
+                at least one real token.
+            position_ids: optional [B, L] or [L] positions; default arange(L), or cumsum(mask) - 1
+                (clamped at 0) when a mask is given, so left padding keeps positions starting at 0.
+        Returns:
+            (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux). Add the aux loss (averaged over
+            layers) to the model loss: it is the only thing that trains the router.
+        """
+        result = self.forward_with_routing(hidden_states, attention_mask, position_ids)
+        return result.output, result.aux_loss
+
+    def forward_with_routing(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> MixSGAOutput:
+        """forward() plus the routing decisions: MixSGAOutput(output [B, L, D], aux_loss, expert_idx [B, L],
+        target_idx [B, L]). Same arguments as forward()."""
+        x = hidden_states
+        valid, positions = self._check_inputs(x, attention_mask, position_ids)
+        B, L = x.shape[0], x.shape[1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        if B == 0 or L == 0:
+            none = torch.empty((B, L), dtype=torch.long, device=x.device)
+            return MixSGAOutput(torch.zeros_like(x), zero, none, none)
+
+        # Routing: hard decisions, no gradient; only the aux loss trains the router.
+        logits = self.router(x.detach() if self.detach_router_input else x)
+        scores = torch.sigmoid(logits)
+        target = self.router.route(scores, valid)
+        expert_idx = self.router.argmax_route(scores) if self.prefill_routing == "argmax" else target
+        aux = zero if self.aux_alpha == 0.0 else self.router.aux_loss(logits, target, valid) * self.aux_alpha
+        return MixSGAOutput(self._attend(x, expert_idx, valid, positions), aux, expert_idx, target)
+
+    def forward_routed(
+        self,
+        hidden_states: torch.Tensor,
+        expert_idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The layer with routing given instead of computed (teacher-forced routing, analysis, tests):
+        expert_idx [B, L] integer in [0, E). Returns the output [B, L, D]."""
+        valid, positions = self._check_inputs(hidden_states, attention_mask, position_ids)
+        check_tensor(expert_idx, "expert_idx")
+        if expert_idx.dtype.is_floating_point or expert_idx.dtype == torch.bool:
+            raise TypeError(f"expert_idx: expected an integer dtype, got {expert_idx.dtype}")
+        if tuple(expert_idx.shape) != tuple(hidden_states.shape[:2]):
+            raise ValueError(
+                f"expert_idx: expected shape {shape_str(hidden_states.shape[:2])} (the token dims of the input), "
+                f"got {shape_str(expert_idx.shape)}"
+            )
+        if hidden_states.shape[0] == 0 or hidden_states.shape[1] == 0:
+            return torch.zeros_like(hidden_states)
+        return self._attend(hidden_states, expert_idx.long(), valid, positions)
+
+    @torch.no_grad()
+    def routing_agreement(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> RoutingAgreement:
+        """How well the router's argmax (the causal decode routing) reproduces expert choice on given text
+        [B, L, D] (optional [B, L] padding mask). Eager only (it reads values back)."""
+        valid, _ = self._check_inputs(hidden_states, attention_mask, None)
+        scores = self.router.scores(hidden_states)
+        argmax = self.router.argmax_route(scores)
+        choice = self.router.route(scores, valid)
+        if valid is None:
+            valid = torch.ones_like(argmax, dtype=torch.bool)
+        n = max(1.0, float(valid.sum()))
+        E = self.router.num_experts
+
+        def ratios(idx: torch.Tensor) -> torch.Tensor:
+            return F.one_hot(idx[valid], E).sum(0).to(torch.float64).cpu() / n
+
+        agreement = float((argmax == choice)[valid].sum()) / n
+        return RoutingAgreement(agreement, ratios(argmax), ratios(choice))
+
+    def _check_inputs(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Validates the inputs (shape checks only, so this traces) -> (valid [B, L] bool or None,
+        positions [B, L] or [L])."""
+        check_floating(x, "hidden_states")
+        if x.dim() != 3 or x.shape[2] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states: expected shape [B, L, {self.hidden_size}] (hidden_size), got {shape_str(x.shape)}"
+            )
+        weight = self.q_proj.weight
+        if x.dtype != weight.dtype:
+            raise TypeError(f"hidden_states: expected the parameters' dtype {weight.dtype}, got {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"hidden_states: expected the parameters' device {weight.device}, got {x.device}")
+        B, L = x.shape[0], x.shape[1]
+        valid = None
+        if attention_mask is not None:
+            check_tensor(attention_mask, "attention_mask")
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L):
+                raise ValueError(
+                    f"attention_mask: expected a [B, L] = [{B}, {L}] 0/1 padding mask, "
+                    f"got shape {shape_str(attention_mask.shape)}"
+                )
+            if attention_mask.device != x.device:
+                raise ValueError(f"attention_mask: expected device {x.device}, got {attention_mask.device}")
+            valid = attention_mask.ne(0)
+            # A data-dependent check: eager only (under torch.compile it would break the graph; the
+            # routing op then raises the same error, naming valid_mask, when the graph runs).
+            if B > 0 and L > 0 and not torch.compiler.is_compiling():
+                empty = (~valid.any(1)).nonzero()
+                if empty.numel() > 0:
+                    raise ValueError(
+                        f"attention_mask: sequence {int(empty[0, 0])} has no valid token (all padding); "
+                        "every sequence needs at least one"
+                    )
+        if position_ids is not None:
+            check_tensor(position_ids, "position_ids")
+            if not (
+                (position_ids.dim() == 2 and tuple(position_ids.shape) == (B, L))
+                or (position_ids.dim() == 1 and position_ids.shape[0] == L)
+            ):
+                raise ValueError(
+                    f"position_ids: expected shape [{B}, {L}] or [{L}], got {shape_str(position_ids.shape)}"
+                )
+            positions = position_ids
+        else:
+            positions = default_positions(valid, L, x.device)
+        return valid, positions
+
+    def _attend(
+        self, x: torch.Tensor, expert_idx: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor
+    ) -> torch.Tensor:
+        B, L = x.shape[0], x.shape[1]
+        Hq, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = list(self.group_sizes)
+        # Each token's K/V under its own expert (pooled weights), repeated back to Hkv heads.
+        k = torch.ops.mixsga.grouped_kv_proj(x, self.k_proj.weight, self.k_proj.bias, expert_idx, groups, d)
+        v = torch.ops.mixsga.grouped_kv_proj(x, self.v_proj.weight, self.v_proj.bias, expert_idx, groups, d)
+        q = apply_rope(self.q_proj(x).view(B, L, Hq, d), positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        mask = None if valid is None else padding_attention_mask(valid)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            is_causal=mask is None,
+            enable_gqa=Hq != Hkv,
+        ).transpose(1, 2)
+        return self.o_proj(attn.reshape(B, L, Hq * d))

@@ -1,0 +1,58 @@
+"""Functional pieces of the mixsga layers, shared by the modules and usable on their own."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_floating, shape_str
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding, Llama convention of Hugging Face transformers (`rotate_half` over the
+    two halves of the head dim, inv_freq = theta^(-2i/d)). Identical to the C++ mixsga::nn::apply_rope:
+    angles in float32 (float64 for float64 x), cos/sin cast to x's dtype before the rotation.
+
+    Args:
+        x: [B, L, H, d] with d even.
+        positions: [B, L], [1, L] or [L] integer positions.
+        theta: RoPE base (> 0), default 10000.
+    Returns:
+        [B, L, H, d] in x's dtype.
+    """
+    check_floating(x, "x")
+    if x.dim() != 4 or x.shape[-1] % 2 != 0:
+        raise ValueError(f"x: expected shape [B, L, H, d] with even d, got {shape_str(x.shape)}")
+    B, L, _, d = x.shape
+    if not (
+        (positions.dim() == 1 and positions.shape[0] == L)
+        or (positions.dim() == 2 and positions.shape[1] == L and positions.shape[0] in (B, 1))
+    ):
+        raise ValueError(f"positions: expected shape [{B}, {L}] or [{L}], got {shape_str(positions.shape)}")
+    if not theta > 0.0:
+        raise ValueError(f"theta: must be > 0, got {theta}")
+    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = torch.pow(theta, torch.arange(0, d, 2, device=x.device).to(angle_dtype) / float(d)).reciprocal()
+    pos = (positions.unsqueeze(0) if positions.dim() == 1 else positions).to(device=x.device, dtype=angle_dtype)
+    freqs = pos.unsqueeze(-1) * inv_freq  # [B|1, L, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B|1, L, 1, d]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def default_positions(valid: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
+    """Positions used when none are given: arange(L) ([L]), or, with a [B, L] bool padding mask,
+    cumsum(mask) - 1 clamped at 0 ([B, L]) so left-padded sequences start at position 0."""
+    if valid is None:
+        return torch.arange(length, device=device)
+    return (valid.long().cumsum(1) - 1).clamp_min(0)
+
+
+def padding_attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] bool mask for scaled_dot_product_attention from a [B, L] bool padding mask:
+    causal AND key-is-real. The diagonal stays open so a padded query never has an all-masked row
+    (which would give NaN); its output is meaningless but finite."""
+    B, L = valid.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    diagonal = torch.eye(L, dtype=torch.bool, device=valid.device)
+    return (causal & (valid.view(B, 1, 1, L) | diagonal)).contiguous()

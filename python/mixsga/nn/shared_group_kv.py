@@ -1,0 +1,78 @@
+"""SharedGroupKV: the weight-shared K/V projections of all experts (METHOD.md step 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._checks import check_group_sizes, check_positive
+
+
+def pool_kv_weight(weight: torch.Tensor, group_size: int, head_dim: int) -> torch.Tensor:
+    """Pools the rows of a K/V projection weight [Hkv*d, ...] (or bias [Hkv*d]) over groups of group_size
+    consecutive heads: -> [(Hkv/group_size)*d, ...]. Differentiable (plain PyTorch)."""
+    if head_dim < 1 or weight.shape[0] % head_dim != 0:
+        raise ValueError(f"head_dim: must be >= 1 and divide weight.size(0) ({weight.shape[0]}), got {head_dim}")
+    heads = weight.shape[0] // head_dim
+    if group_size < 1 or heads % group_size != 0:
+        raise ValueError(f"group_size: must be >= 1 and divide the number of KV heads ({heads}), got {group_size}")
+    if group_size == 1:
+        return weight
+    rest = tuple(weight.shape[1:])
+    return weight.reshape(heads // group_size, group_size, head_dim, *rest).mean(1).reshape(-1, *rest)
+
+
+class SharedGroupKV(nn.Module):
+    """The layer's original K/V projections, shared by every expert: expert e uses them pooled over groups
+    of group_sizes[e] heads. Same arguments, parameter names and shapes as the C++ mixsga::nn::SharedGroupKV.
+
+    Args:
+        hidden_size: D. num_kv_heads: Hkv. head_dim: d.
+        group_sizes: group size per expert, strictly increasing, each dividing Hkv. Default (1, 2, 4).
+        bias: whether k_proj / v_proj have biases. Default False.
+
+    Submodules: k_proj, v_proj = nn.Linear(D, Hkv * d).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        group_sizes: Sequence[int] = (1, 2, 4),
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive(hidden_size, "hidden_size")
+        check_positive(num_kv_heads, "num_kv_heads")
+        check_positive(head_dim, "head_dim")
+        self.hidden_size, self.num_kv_heads, self.head_dim = hidden_size, num_kv_heads, head_dim
+        self.group_sizes = check_group_sizes(group_sizes, num_kv_heads)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"group_sizes={self.group_sizes}"
+        )
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V), each [B, L, Hkv, d]: every token's expert-pooled K/V repeated back to Hkv heads, from
+        x [B, L, D] and expert_idx [B, L] integer."""
+        groups, d = list(self.group_sizes), self.head_dim
+        k = torch.ops.mixsga.grouped_kv_proj(x, self.k_proj.weight, self.k_proj.bias, expert_idx, groups, d)
+        v = torch.ops.mixsga.grouped_kv_proj(x, self.v_proj.weight, self.v_proj.bias, expert_idx, groups, d)
+        return k, v
+
+    def expert_weights(self, expert: int, key: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled (weight [(Hkv/g_e)*d, D], bias [(Hkv/g_e)*d] or None) of expert `expert` for K (key=True)
+        or V: what the compact cache projects with."""
+        if not 0 <= expert < len(self.group_sizes):
+            raise IndexError(f"expert: must be in [0, {len(self.group_sizes)}), got {expert}")
+        linear = self.k_proj if key else self.v_proj
+        g = self.group_sizes[expert]
+        bias = None if linear.bias is None else pool_kv_weight(linear.bias, g, self.head_dim)
+        return pool_kv_weight(linear.weight, g, self.head_dim), bias

@@ -1,0 +1,152 @@
+"""The C++ modules (through the pybind11 module mixsga._C) against the Python modules: same weights ->
+same routing, outputs, aux losses and gradients. Also the C++ helpers against their Python twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mixsga
+from mixsga import _C
+from mixsga.nn import ExpertChoiceRouter, MixSGAAttention, SharedGroupKV
+
+CONFIGS = [
+    dict(hidden_size=64, num_heads=8, num_kv_heads=4),
+    dict(hidden_size=48, num_heads=4, num_kv_heads=4, bias=True, aux_loss="logit_ce", aux_alpha=0.3),
+    dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=12, group_sizes=(1, 2), ratios=(0.5, 0.5),
+         aux_loss="bce", rope_theta=500000.0),
+    dict(hidden_size=64, num_heads=8, num_kv_heads=8, group_sizes=(1, 2, 8), ratios=(0.25, 0.25, 0.5),
+         prefill_routing="argmax", detach_router_input=True),
+    dict(hidden_size=64, num_heads=8, num_kv_heads=4, ratios=(1.0, 0.0, 0.0), aux_alpha=0.0),
+]
+
+
+def twins(dtype, **config):
+    """A Python module and a C++ module holding the same weights."""
+    py = MixSGAAttention(**config).to(dtype)
+    cpp = _C.MixSGAAttention(**config)
+    cpp.to(dtype)
+    missing, unexpected = cpp.load_state_dict(py.state_dict())
+    assert not missing and not unexpected
+    return py, cpp
+
+
+def inputs(B, L, D, dtype, masked):
+    x = torch.randn(B, L, D, dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.ones(B, L, dtype=torch.long)
+        mask[1, :4] = 0
+    return x, mask
+
+
+def test_parameter_names_and_shapes_match():
+    for config in CONFIGS:
+        py, cpp = MixSGAAttention(**config), _C.MixSGAAttention(**config)
+        assert [(k, tuple(v.shape)) for k, v in py.named_parameters()] == \
+               [(k, tuple(v.shape)) for k, v in cpp.named_parameters()]
+        assert cpp.options["head_dim"] == py.head_dim and cpp.kv_fraction() == pytest.approx(py.kv_fraction())
+    r_py, r_cpp = ExpertChoiceRouter(16, (0.5, 0.5)), _C.ExpertChoiceRouter(16, (0.5, 0.5))
+    assert {k: v.shape for k, v in r_py.state_dict().items()} == {k: v.shape for k, v in r_cpp.state_dict().items()}
+    kv_py, kv_cpp = SharedGroupKV(16, 4, 8, bias=True), _C.SharedGroupKV(16, 4, 8, bias=True)
+    assert {k: v.shape for k, v in kv_py.state_dict().items()} == {k: v.shape for k, v in kv_cpp.state_dict().items()}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_forward_and_gradients_match(config, dtype, masked):
+    py, cpp = twins(dtype, **config)
+    x, mask = inputs(3, 10, config["hidden_size"], dtype, masked)
+    x_py, x_cpp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    r_py = py.forward_with_routing(x_py, mask)
+    out, aux, expert_idx, target_idx = cpp.forward_with_routing(x_cpp, mask)
+    assert torch.equal(r_py.expert_idx, expert_idx) and torch.equal(r_py.target_idx, target_idx)
+    # Not bitwise: for inputs of rank > 2 the C++ frontend's torch::nn::Linear adds the bias after the
+    # matmul, Python's nn.Linear fuses it into addmm (1-ulp differences when bias=True).
+    torch.testing.assert_close(r_py.output, out)
+    torch.testing.assert_close(r_py.aux_loss, aux)
+
+    g = torch.randn_like(out)
+    (r_py.output * g).sum().add(r_py.aux_loss).backward()
+    (out * g).sum().add(aux).backward()
+    torch.testing.assert_close(x_py.grad, x_cpp.grad)
+    cpp_params = dict(cpp.named_parameters())
+    for name, p in py.named_parameters():
+        q = cpp_params[name]
+        if p.grad is None:
+            assert q.grad is None or (q.grad == 0).all(), name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_position_ids_and_forward_match():
+    py, cpp = twins(torch.float32, **CONFIGS[0])
+    x, mask = inputs(3, 10, 64, torch.float32, True)
+    for pos in (torch.arange(10) * 3, torch.randint(0, 1000, (3, 10))):
+        a, aux_a = py(x, mask, pos)
+        b, aux_b = cpp(x, mask, pos)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(aux_a, aux_b, rtol=0, atol=0)
+    torch.testing.assert_close(py(x)[0], cpp.forward(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid_ce", "logit_ce", "bce"])
+def test_router_matches(kind):
+    py = ExpertChoiceRouter(24, (0.3, 0.1, 0.6), kind).double()
+    cpp = _C.ExpertChoiceRouter(24, (0.3, 0.1, 0.6), kind)
+    cpp.to(torch.float64)
+    cpp.load_state_dict(py.state_dict())
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    logits = py(x)
+    torch.testing.assert_close(logits, cpp(x))
+    torch.testing.assert_close(py.scores(x), cpp.scores(x))
+    target = py.route(py.scores(x), mask)
+    assert torch.equal(target, cpp.route(cpp.scores(x), mask))
+    assert torch.equal(py.argmax_route(logits), cpp.argmax_route(logits))
+    torch.testing.assert_close(py.aux_loss(logits, target, mask), cpp.aux_loss(logits, target, mask))
+    torch.testing.assert_close(py.aux_loss(logits, target), cpp.aux_loss(logits, target))
+    assert cpp.num_experts == 3 and cpp.aux_loss_kind == kind
+
+
+def test_shared_group_kv_matches():
+    py = SharedGroupKV(20, 4, 6, (1, 2, 4), bias=True)
+    cpp = _C.SharedGroupKV(20, 4, 6, [1, 2, 4], bias=True)
+    cpp.load_state_dict(py.state_dict())
+    x = torch.randn(2, 7, 20)
+    idx = torch.randint(0, 3, (2, 7))
+    for a, b in zip(py(x, idx), cpp(x, idx)):
+        torch.testing.assert_close(a, b)
+    for e in range(3):
+        for key in (True, False):
+            for a, b in zip(py.expert_weights(e, key), cpp.expert_weights(e, key)):
+                torch.testing.assert_close(a, b)
+
+
+def test_helpers_match():
+    x = torch.randn(2, 5, 3, 8)
+    for pos in (torch.arange(5), torch.randint(0, 99, (2, 5))):
+        torch.testing.assert_close(mixsga.nn.apply_rope(x, pos, 1e4), _C.apply_rope(x, pos, 1e4), rtol=0, atol=0)
+    w = torch.randn(32, 7)
+    for g in (1, 2, 4):
+        torch.testing.assert_close(mixsga.nn.pool_kv_weight(w, g, 8), _C.pool_kv_weight(w, g, 8))
+    for groups, ratios in [((1, 2, 4), (0.3, 0.1, 0.6)), ((1, 2), (0.5, 0.5)), ((1, 4, 8), (0.2, 0.2, 0.6))]:
+        assert mixsga.kv_fraction(groups, ratios) == pytest.approx(_C.kv_fraction(groups, ratios))
+
+
+def test_cpp_module_state_dict_round_trip_and_repr():
+    cpp = _C.MixSGAAttention(32, 4, 4, bias=True)
+    state = {k: torch.randn_like(v) for k, v in cpp.state_dict().items()}
+    cpp.load_state_dict(state)
+    for k, v in cpp.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert "MixSGAAttention(hidden_size=32" in repr(cpp) and isinstance(cpp, torch.nn.Module)
+    with pytest.raises(ValueError, match="unexpected keys \\[extra\\]"):
+        cpp.load_state_dict({**state, "extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="missing keys \\[q_proj.bias"):
+        cpp.load_state_dict({k: v for k, v in state.items() if k != "q_proj.bias"})
+    with pytest.raises(ValueError, match="'q_proj.weight' has shape \\[3\\]"):
+        cpp.load_state_dict({**state, "q_proj.weight": torch.zeros(3)})
+    assert mixsga.library_path().endswith((".so", ".so.0")) and "libmixsga" in mixsga.library_path()

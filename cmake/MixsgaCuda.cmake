@@ -41,8 +41,18 @@ if(MIXSGA_CUDA_ENABLED)
   # Architectures come from TORCH_CUDA_ARCH_LIST (torch's CMake turns them into -gencode flags and
   # ignores CMAKE_CUDA_ARCHITECTURES); cmake/MixsgaTorch.cmake defaults it to 9.0.
   enable_language(CUDA)
-  # CMake 3.25 silently drops CUDA_STANDARD 20 for nvcc; torch >= 2.13 headers need C++20.
+  # CMake 3.25 knows no C++20 dialect flag for nvcc, so the REQUIRED CUDA_STANDARD 20 that torch's
+  # cuda.cmake copies from CMAKE_CXX_STANDARD fails generation; pass the standard explicitly instead.
+  unset(CMAKE_CUDA_STANDARD)
+  set(CMAKE_CUDA_STANDARD_REQUIRED OFF)
   string(APPEND CMAKE_CUDA_FLAGS " -std=c++20 --expt-relaxed-constexpr")
+  # One CUDA runtime in the process: the shared libcudart (one SONAME with the copy torch loads),
+  # never a second, static copy whose launch errors C10_CUDA_KERNEL_LAUNCH_CHECK could not see.
+  set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)
+  # The CUDA registrations make libmixsga depend on libc10_cuda itself. The loader resolves a library's
+  # dependencies through that library's RUNPATH, and a program linking mixsga and torch does not
+  # itself need libc10_cuda, so the installed library must name torch's lib folder.
+  list(APPEND CMAKE_INSTALL_RPATH "${TORCH_INSTALL_PREFIX}/lib")
   file(GLOB MIXSGA_CUDA_SOURCES CONFIGURE_DEPENDS
     ${CMAKE_CURRENT_SOURCE_DIR}/kernels/*.cu
     ${CMAKE_CURRENT_SOURCE_DIR}/src/ops/cuda/*.cu

@@ -1,0 +1,76 @@
+// CUDA registration of route_expert_choice: the same argument checks as the CPU kernel, then one
+// block per sequence (kernels/routing.cuh).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <fmt/format.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "ops/cuda/cuda_launch.h"
+#include "ops/validation.h"
+#include "routing.h"
+#include "static_switch.h"
+
+namespace mixsga::cuda {
+namespace {
+
+at::Tensor route_expert_choice_cuda(const at::Tensor& scores, c10::ArrayRef<double> ratios,
+                                    const std::optional<at::Tensor>& valid_mask) {
+  detail::check_floating(scores, "scores");
+  TORCH_CHECK_VALUE(scores.dim() == 3, fmt::format("scores: expected shape [B, L, E], got {}",
+                                                   detail::shape_str(scores.sizes())));
+  const int64_t B = scores.size(0), L = scores.size(1), E = scores.size(2);
+  TORCH_CHECK_VALUE(E >= 1, fmt::format("scores: needs at least one expert column, got shape {}",
+                                        detail::shape_str(scores.sizes())));
+  detail::check_ratios(ratios, E);
+  check_cuda_experts(E, "scores");
+
+  at::Tensor valid;
+  if (valid_mask.has_value() && valid_mask->defined()) {
+    const auto& m = *valid_mask;
+    TORCH_CHECK_VALUE(m.device() == scores.device(), fmt::format("valid_mask: expected device {}, got {}",
+                                                                 scores.device().str(), m.device().str()));
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == L,
+                      fmt::format("valid_mask: expected shape [{}, {}] (the [B, L] of scores), got {}", B, L,
+                                  detail::shape_str(m.sizes())));
+    valid = m.ne(0).contiguous();
+    if (B > 0 && L > 0) {
+      const auto empty = valid.sum(1).eq(0).nonzero();
+      TORCH_CHECK_VALUE(empty.numel() == 0,
+                        fmt::format("valid_mask: sequence {} has no valid token (all padding); every sequence "
+                                    "needs at least one",
+                                    empty.numel() ? empty[0][0].item<int64_t>() : -1));
+    }
+  }
+
+  auto out = at::empty({B, L}, scores.options().dtype(at::kLong));
+  if (B == 0 || L == 0) return out;
+  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max() && L <= std::numeric_limits<int32_t>::max(),
+                    fmt::format("scores: the CUDA kernel takes at most 2^31 - 1 sequences of at most 2^31 - 1 tokens, "
+                                "got shape {}",
+                                detail::shape_str(scores.sizes())));
+  c10::cuda::CUDAGuard guard(scores.device());
+  const auto s = scores.contiguous();
+  kernels::RouteExpertChoiceParams params{};
+  params.scores = s.const_data_ptr();
+  params.valid = valid.defined() ? reinterpret_cast<const uint8_t*>(valid.const_data_ptr<bool>()) : nullptr;
+  params.out = out.mutable_data_ptr<int64_t>();
+  std::copy(ratios.begin(), ratios.end(), params.ratios);
+  params.batch = B;
+  params.length = L;
+  params.num_experts = static_cast<int>(E);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  SCALAR_SWITCH(scalar_kind(s.scalar_type()), elem_t,
+                [&] { kernels::launch_route_expert_choice<elem_t>(params, stream); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixsga, CUDA, m) { m.impl("route_expert_choice", &route_expert_choice_cuda); }
+
+}  // namespace mixsga::cuda

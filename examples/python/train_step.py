@@ -97,9 +97,13 @@ def main() -> None:
     # AdamW as in the paper's continued pretraining (betas 0.9/0.95, weight decay 0.1, clip 1.0).
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then cosine decay to 0
-        opt, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, args.steps - warmup)))
-    )
+
+    def lr_factor(i: int) -> float:  # linear warmup, then cosine decay to 0
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, args.steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
     start = time.perf_counter()
     for step in range(1, args.steps + 1):

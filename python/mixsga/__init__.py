@@ -10,8 +10,11 @@ ops ``torch.ops.mixsga.*``, and registers their fake kernels so torch.compile ca
 - ``mixsga.nn``: MixSGAAttention, ExpertChoiceRouter, SharedGroupKV (plain torch.nn.Modules).
 - ``mixsga.ops``: typed entry points of the ops.
 - ``mixsga.kv_fraction(group_sizes, ratios)``: the KV budget of a configuration.
-- ``mixsga._C``: the C++ modules themselves (pybind11), for parity checks and C++-built models.
+- ``mixsga._C``: the C++ modules themselves (pybind11), for parity checks and C++-built models, and
+  the compact inference cache ``HeteroKVCache``.
 """
+
+import os as _os
 
 from . import _fake_kernels, _library
 from ._kv_fraction import kv_fraction
@@ -19,8 +22,15 @@ from ._library import library_path
 
 __version__ = "0.1.0"
 
+#: For C++ code built against an installed (pip) mixsga: add this to CMAKE_PREFIX_PATH, together with
+#: torch.utils.cmake_prefix_path, and find_package(mixsga) finds the very library Python loaded. None
+#: when running from a build tree (use `make install` there).
+cmake_prefix_path: str | None = (
+    _os.path.dirname(__file__) if _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "lib", "cmake")) else None
+)
+
 _fake_kernels.register()
 
 from . import nn, ops  # noqa: E402  (needs the ops registered)
 
-__all__ = ["kv_fraction", "library_path", "nn", "ops", "__version__"]
+__all__ = ["cmake_prefix_path", "kv_fraction", "library_path", "nn", "ops", "__version__"]

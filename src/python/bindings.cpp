@@ -2,9 +2,9 @@
 //
 // The ops reach Python through the dispatcher (torch.ops.mixsga.*, registered when libmixsga loads),
 // not through this module. What is here is what is not an op: the C++ modules, so that Python can
-// drive (and test against) exactly the code a LibTorch user runs, plus a few C++ helpers. Each module
-// is bound with torch::python::bind_module, which makes it a torch.nn.Module subclass in Python
-// (parameters(), named_parameters(), state_dict(), train()/eval(), to()).
+// drive (and test against) exactly the code a LibTorch user runs, the compact KV cache, and a few C++
+// helpers. Each module is bound with torch::python::bind_module, which makes it a torch.nn.Module
+// subclass in Python (parameters(), named_parameters(), state_dict(), train()/eval(), to()).
 #include <dlfcn.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -24,6 +24,8 @@ namespace mixsga::python {
 namespace {
 
 using OptTensor = std::optional<torch::Tensor>;
+using mixsga::HeteroKVCache;
+using mixsga::HeteroKVCacheOptions;
 
 // The path of the libmixsga this module is linked to: what C++ code loaded into the same process (or
 // a LibTorch program built against the installed package) must use so the ops register only once.
@@ -172,11 +174,67 @@ void bind_shared_group_kv(py::module_& m) {
           "Pooled (weight [(Hkv/g_e)*d, D], bias [(Hkv/g_e)*d] or None) of one expert for K or V.");
 }
 
+void bind_cache(py::module_& m) {
+  py::class_<HeteroKVCacheOptions>(m, "HeteroKVCacheOptions",
+                                   "Options of HeteroKVCache (see mixsga/cache.h); keyword constructor, plain fields.")
+      .def(py::init([](int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, std::vector<int64_t> group_sizes,
+                       c10::ScalarType dtype, c10::Device device, int64_t max_tokens, double growth) {
+             HeteroKVCacheOptions o;
+             o.num_layers = num_layers;
+             o.num_kv_heads = num_kv_heads;
+             o.head_dim = head_dim;
+             o.group_sizes = std::move(group_sizes);
+             o.dtype = dtype;
+             o.device = device;
+             o.max_tokens = max_tokens;
+             o.growth = growth;
+             return o;
+           }),
+           py::arg("num_layers") = 1, py::arg("num_kv_heads") = 1, py::arg("head_dim") = 64,
+           py::arg("group_sizes") = std::vector<int64_t>{1, 2, 4}, py::arg("dtype") = c10::kFloat,
+           py::arg("device") = c10::Device(c10::kCPU), py::arg("max_tokens") = 0, py::arg("growth") = 1.5)
+      .def_readwrite("num_layers", &HeteroKVCacheOptions::num_layers)
+      .def_readwrite("num_kv_heads", &HeteroKVCacheOptions::num_kv_heads)
+      .def_readwrite("head_dim", &HeteroKVCacheOptions::head_dim)
+      .def_readwrite("group_sizes", &HeteroKVCacheOptions::group_sizes)
+      .def_readwrite("dtype", &HeteroKVCacheOptions::dtype)
+      .def_readwrite("device", &HeteroKVCacheOptions::device)
+      .def_readwrite("max_tokens", &HeteroKVCacheOptions::max_tokens)
+      .def_readwrite("growth", &HeteroKVCacheOptions::growth);
+
+  py::class_<HeteroKVCache, std::shared_ptr<HeteroKVCache>>(
+      m, "HeteroKVCache",
+      "The compact inference KV cache: per layer, per expert pools [B, Hkv/g_e, T_e, d] (see mixsga/cache.h).")
+      .def(py::init<HeteroKVCacheOptions>(), py::arg("options"))
+      .def("append", &HeteroKVCache::append, py::arg("layer"), py::arg("keys"), py::arg("values"),
+           py::arg("expert_idx"), py::arg("valid") = py::none(), py::arg("decode") = py::none(),
+           "Appends keys/values [B, L, Hkv, d] of one layer, stored compactly per token's expert.")
+      .def("keys", &HeteroKVCache::keys, py::arg("layer"), "E views [B, Hkv/g_e, T_e, d] of the stored keys.")
+      .def("values", &HeteroKVCache::values, py::arg("layer"), "E views [B, Hkv/g_e, T_e, d] of the stored values.")
+      .def("positions", &HeteroKVCache::positions, py::arg("layer"), "E tensors [B, T_e] int32 of positions.")
+      .def("lengths", &HeteroKVCache::lengths, py::arg("layer"), "[B, E] int64 tokens per sequence and expert.")
+      .def("seq_lengths", &HeteroKVCache::seq_lengths, py::arg("layer") = 0, "[B] int64 tokens per sequence.")
+      .def("max_seq_length", &HeteroKVCache::max_seq_length, py::arg("layer") = 0)
+      .def_property_readonly("batch_size", &HeteroKVCache::batch_size)
+      .def_property_readonly("num_experts", &HeteroKVCache::num_experts)
+      .def_property_readonly("options", &HeteroKVCache::options)
+      .def("reorder", &HeteroKVCache::reorder, py::arg("beam_idx"), "Keeps sequences beam_idx[i] as sequence i.")
+      .def("crop", &HeteroKVCache::crop, py::arg("length"), "Drops every token at position >= length.")
+      .def("reset", &HeteroKVCache::reset)
+      .def("shrink_to_fit", &HeteroKVCache::shrink_to_fit)
+      .def("bytes_used", &HeteroKVCache::bytes_used, "Bytes allocated for K/V pools and indexes.")
+      .def("bytes_stored", &HeteroKVCache::bytes_stored, "Bytes the stored tokens need.")
+      .def("bytes_per_token", &HeteroKVCache::bytes_per_token)
+      .def("full_bytes_per_token", &HeteroKVCache::full_bytes_per_token)
+      .def("token_counts", &HeteroKVCache::token_counts, py::arg("layer"), "[E] int64 tokens stored per expert.")
+      .def("decode_ratios", &HeteroKVCache::decode_ratios, py::arg("layer") = -1,
+           "[E] float64 realised expert ratios of decode steps (all layers when layer < 0).");
+}
+
 void bind_attention(py::module_& m) {
   using nn::MixSGAAttentionImpl;
-  auto forward = [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos) {
-    return a.forward(x, mask, pos);
-  };
+  auto forward = [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos,
+                    HeteroKVCache* cache, int64_t layer) { return a.forward(x, mask, pos, cache, layer); };
   auto cls = torch::python::bind_module<MixSGAAttentionImpl, /*force_enable=*/true>(m, "MixSGAAttention");
   add_state_dict(cls)
       .def(py::init([](int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, std::optional<int64_t> head_dim,
@@ -207,19 +265,36 @@ void bind_attention(py::module_& m) {
            "The C++ mixsga::nn::MixSGAAttention; same arguments, parameter names and shapes as "
            "mixsga.nn.MixSGAAttention.")
       .def("forward", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
-           py::arg("position_ids") = py::none(),
+           py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer") = 0,
            "(output [B, L, D], aux_loss 0-dim) from hidden_states [B, L, D], an optional [B, L] 0/1 padding "
-           "mask and optional [B, L] or [L] positions.")
+           "mask and optional [B, L] or [L] positions. With a HeteroKVCache: prefill on an empty cache, "
+           "argmax-routed decode (compact attention for L = 1) on a non-empty one; `layer` indexes the cache.")
       .def("__call__", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
-           py::arg("position_ids") = py::none())
+           py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer") = 0)
       .def(
           "forward_with_routing",
-          [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos) {
-            return routing_tuple(a.forward_with_routing(x, mask, pos));
+          [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos,
+             HeteroKVCache* cache, int64_t layer) {
+            return routing_tuple(a.forward_with_routing(x, mask, pos, cache, layer));
           },
           py::arg("hidden_states"), py::arg("attention_mask") = py::none(), py::arg("position_ids") = py::none(),
+          py::arg("cache") = nullptr, py::arg("layer") = 0,
           "(output [B, L, D], aux_loss, expert_idx [B, L] int64 (the expert each token's K/V used), "
           "target_idx [B, L] int64 (the expert-choice assignment, the aux loss target)).")
+      .def("forward_routed", &MixSGAAttentionImpl::forward_routed, py::arg("hidden_states"), py::arg("expert_idx"),
+           py::arg("attention_mask") = py::none(), py::arg("position_ids") = py::none(),
+           "The layer with routing given (expert_idx [B, L] integer) instead of computed: output [B, L, D].")
+      .def(
+          "routing_agreement",
+          [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask) {
+            const auto r = a.routing_agreement(x, mask);
+            return py::make_tuple(r.agreement, r.argmax_ratios, r.expert_choice_ratios);
+          },
+          py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
+          "(agreement, argmax_ratios [E] float64, expert_choice_ratios [E] float64) on given text.")
+      .def(
+          "cache_options", [](const MixSGAAttentionImpl& a, int64_t num_layers) { return a.cache_options(num_layers); },
+          py::arg("num_layers") = 1, "HeteroKVCache options matching this layer (heads, head dim, groups, dtype, device).")
       .def("kv_fraction", &MixSGAAttentionImpl::kv_fraction, "sum_e ratios[e] / group_sizes[e].")
       .def_property_readonly("head_dim", &MixSGAAttentionImpl::head_dim)
       .def_property_readonly("options", [](const MixSGAAttentionImpl& a) {
@@ -251,6 +326,7 @@ PYBIND11_MODULE(_C, m) {
   python::translate_c10_errors();
   python::bind_router(m);
   python::bind_shared_group_kv(m);
+  python::bind_cache(m);
   python::bind_attention(m);
   // bind_module creates the Python classes while the module initialises; name them after it.
   for (const char* name : {"ExpertChoiceRouter", "SharedGroupKV", "MixSGAAttention"}) {

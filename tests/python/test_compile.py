@@ -63,7 +63,9 @@ def assert_same_step(eager, compiled):
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-6)
     assert compiled[2].keys() == eager[2].keys()
     for name in eager[2]:
-        torch.testing.assert_close(compiled[2][name], eager[2][name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            compiled[2][name], eager[2][name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_inductor_fullgraph_matches_eager():

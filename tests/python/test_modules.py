@@ -32,7 +32,8 @@ def padding(B, L):
 
 def test_public_api_names_defaults_and_shapes():
     m = MixSGAAttention(64, 8, 4)
-    assert (m.head_dim, m.group_sizes, m.ratios, m.rope_theta, m.aux_alpha) == (8, (1, 2, 4), (0.3, 0.1, 0.6), 10000.0, 0.1)
+    assert (m.head_dim, m.group_sizes, m.ratios) == (8, (1, 2, 4), (0.3, 0.1, 0.6))
+    assert (m.rope_theta, m.aux_alpha) == (10000.0, 0.1)
     assert (m.aux_loss_kind, m.prefill_routing, m.detach_router_input) == ("sigmoid_ce", "expert_choice", False)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes == {
@@ -216,7 +217,8 @@ def test_position_ids_and_forward_routed():
     assert not torch.allclose(m(x, position_ids=torch.arange(6) * 2)[0], r.output)
     torch.testing.assert_close(m.forward_routed(x, r.expert_idx), r.output)
     forced = torch.zeros(2, 6, dtype=torch.int32)
-    want = ref.mixsga_attention(params(m), x, forced.long(), num_heads=HQ, num_kv_heads=HKV, head_dim=HD, group_sizes=(1, 2, 4))
+    want = ref.mixsga_attention(params(m), x, forced.long(), num_heads=HQ, num_kv_heads=HKV, head_dim=HD,
+                                group_sizes=(1, 2, 4))
     torch.testing.assert_close(m.forward_routed(x, forced), want)
 
 
@@ -261,3 +263,13 @@ def test_routing_agreement_and_training_teaches_argmax():
     held_out = m.routing_agreement(batch(16))
     assert held_out.agreement > 0.6, held_out
     torch.testing.assert_close(held_out.expert_choice_ratios, torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64))
+
+
+def test_default_positions_follow_the_padding():
+    """cumsum(mask) - 1 clamped at 0: left-padded sequences start at position 0 (what a decode step with a
+    cache continues from; RoPE alone cannot tell a uniform shift apart)."""
+    from mixsga.nn.functional import default_positions
+
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]).bool()
+    assert default_positions(mask, 4, torch.device("cpu")).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+    assert default_positions(None, 3, torch.device("cpu")).tolist() == [0, 1, 2]

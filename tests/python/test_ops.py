@@ -152,7 +152,8 @@ def test_grouped_kv_proj_single_expert_owns_all_tokens_and_empty():
     x, w, b = torch.randn(2, 5, 16), torch.randn(16, 16), torch.randn(16)
     for e in range(3):
         idx = torch.full((2, 5), e)
-        torch.testing.assert_close(ops.grouped_kv_proj(x, w, b, idx, GROUPS, 4), ref.grouped_kv_proj(x, w, b, idx, GROUPS, 4))
+        want = ref.grouped_kv_proj(x, w, b, idx, GROUPS, 4)
+        torch.testing.assert_close(ops.grouped_kv_proj(x, w, b, idx, GROUPS, 4), want)
     out = ops.grouped_kv_proj(torch.randn(0, 16), w, b, torch.zeros(0, dtype=torch.long), GROUPS, 4)
     assert out.shape == (0, 4, 4)
 
@@ -161,12 +162,14 @@ def test_grouped_kv_proj_noncontiguous_inputs():
     x = torch.randn(16, 3, 7).transpose(0, 2)  # [7, 3, 16]
     w = torch.randn(16, 16).t()
     idx = random_idx((7, 3))
-    torch.testing.assert_close(ops.grouped_kv_proj(x, w, None, idx, GROUPS, 4), ref.grouped_kv_proj(x, w, None, idx, GROUPS, 4))
+    want = ref.grouped_kv_proj(x, w, None, idx, GROUPS, 4)
+    torch.testing.assert_close(ops.grouped_kv_proj(x, w, None, idx, GROUPS, 4), want)
 
 
 def test_grouped_kv_proj_bf16_within_2x():
     D, H, d = 64, 8, 16
-    x, w, b = torch.randn(2, 40, D, dtype=torch.float64), torch.randn(H * d, D, dtype=torch.float64) / 8, torch.randn(H * d, dtype=torch.float64)
+    x = torch.randn(2, 40, D, dtype=torch.float64)
+    w, b = torch.randn(H * d, D, dtype=torch.float64) / 8, torch.randn(H * d, dtype=torch.float64)
     idx = random_idx((2, 40))
     exact = ref.grouped_kv_proj(x, w, b, idx, GROUPS, d)
     got = ops.grouped_kv_proj(x.bfloat16(), w.bfloat16(), b.bfloat16(), idx, GROUPS, d)
@@ -177,7 +180,8 @@ def test_grouped_kv_proj_bf16_within_2x():
 def test_pooling_weights_equals_pooling_projections():
     """METHOD.md identity: pool the weights then project == project then pool (biases included)."""
     D, H, d = 20, 4, 5
-    x, w, b = torch.randn(6, D, dtype=torch.float64), torch.randn(H * d, D, dtype=torch.float64), torch.randn(H * d, dtype=torch.float64)
+    x = torch.randn(6, D, dtype=torch.float64)
+    w, b = torch.randn(H * d, D, dtype=torch.float64), torch.randn(H * d, dtype=torch.float64)
     for e, g in enumerate(GROUPS):
         compact = F.linear(x, mixsga.nn.pool_kv_weight(w, g, d), mixsga.nn.pool_kv_weight(b, g, d))  # [6, H/g*d]
         expanded = compact.reshape(6, H // g, 1, d).expand(6, H // g, g, d).reshape(6, H, d)
@@ -235,7 +239,8 @@ def test_hetero_decode_attention_matches_reference(dtype):
     torch.testing.assert_close(got.double(), ref.hetero_decode_attention(q, k, v, lengths, Hkv), rtol=1e-5, atol=1e-5)
     assert (got[0] == 0).all()
     scaled = ops.hetero_decode_attention(q, k, v, lengths, Hkv, 0.3)
-    torch.testing.assert_close(scaled.double(), ref.hetero_decode_attention(q, k, v, lengths, Hkv, 0.3), rtol=1e-5, atol=1e-5)
+    want = ref.hetero_decode_attention(q, k, v, lengths, Hkv, 0.3)
+    torch.testing.assert_close(scaled.double(), want, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +311,8 @@ def opcheck_samples() -> dict[str, list[tuple]]:
         "grouped_kv_proj": [
             (x, w, b, idx, GROUPS, 2),
             (x.clone().requires_grad_(), w.clone().requires_grad_(), None, idx, GROUPS, 2),
-            (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(), random_idx((2, 5), 2), [2, 4], 2),
+            (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_(),
+             random_idx((2, 5), 2), [2, 4], 2),
             (torch.randn(8, 5).t(), w, b, random_idx((5,)), GROUPS, 2),
             (torch.randn(0, 8), w, b, torch.zeros(0, dtype=torch.long), GROUPS, 2),
         ],
@@ -337,7 +343,8 @@ def opcheck_samples() -> dict[str, list[tuple]]:
         samples["hetero_decode_attention"] = [
             (q, k, v, lengths, Hkv, None),
             (q.bfloat16(), [t.bfloat16() for t in k], [t.bfloat16() for t in v], lengths, Hkv, 0.5),
-            (torch.randn(0, 8, 16), [torch.randn(0, 4, 3, 16)], [torch.randn(0, 4, 3, 16)], torch.zeros(0, 1, dtype=torch.long), 4, None),
+            (torch.randn(0, 8, 16), [torch.randn(0, 4, 3, 16)], [torch.randn(0, 4, 3, 16)],
+             torch.zeros(0, 1, dtype=torch.long), 4, None),
         ]
     return samples
 
@@ -373,10 +380,15 @@ def test_fake_kernels_give_the_real_output_metadata():
         for args in samples:
             real = getattr(ops, name)(*args)
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else
-                             [mode.from_tensor(t) for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a
-                             for a in args]
-                fake = getattr(ops, name)(*fake_args)
+
+                def to_fake(a):
+                    if isinstance(a, torch.Tensor):
+                        return mode.from_tensor(a)
+                    if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+                        return [mode.from_tensor(t) for t in a]
+                    return a
+
+                fake = getattr(ops, name)(*[to_fake(a) for a in args])
             real = real if isinstance(real, tuple) else (real,)
             fake = fake if isinstance(fake, tuple) else (fake,)
             for r, f in zip(real, fake):

@@ -4,7 +4,8 @@
 #include "ops/cuda/expert_permute_cuda.h"
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <fmt/format.h>
 #include <torch/library.h>
@@ -28,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> sort_by_expert(const at::Tensor& expert_idx, 
   params.block_bases = scratch.mutable_data_ptr<int64_t>();
   params.n = n;
   params.num_experts = static_cast<int>(num_experts);
-  kernels::launch_expert_permutation(params, at::cuda::getCurrentCUDAStream());
+  kernels::launch_expert_permutation(params, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {permutation, offsets};
 }
@@ -44,7 +45,7 @@ at::Tensor permute_rows(const at::Tensor& rows, const at::Tensor& permutation, b
   params.rows = n;
   params.row_bytes = rows.numel() / n * static_cast<int64_t>(rows.element_size());
   params.gather_rows = gather_rows;
-  kernels::launch_row_copy(params, at::cuda::getCurrentCUDAStream());
+  kernels::launch_row_copy(params, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -83,7 +84,7 @@ at::Tensor checked_permutation(const at::Tensor& x, const at::Tensor& permutatio
   params.seen = seen.mutable_data_ptr<int32_t>();
   params.status = status.mutable_data_ptr<int64_t>();
   params.n = n;
-  kernels::launch_permutation_check(params, at::cuda::getCurrentCUDAStream());
+  kernels::launch_permutation_check(params, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto found = status.cpu();
   const int64_t bad_position = found[0].item<int64_t>(), repeated = found[1].item<int64_t>();

@@ -7,7 +7,8 @@
 // the incoming gradient over each group's heads (group_reduce), runs the two GEMMs per expert, and
 // spreads the pooled weight gradient back over the group's heads.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/accumulate.h>
 #include <fmt/format.h>
@@ -48,7 +49,7 @@ at::Tensor grouped_kv_pool_cuda(const at::Tensor& kv, const at::Tensor& expert_i
   params.heads = heads;
   params.head_dim = d;
   params.num_experts = static_cast<int>(group_sizes.size());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   SCALAR_SWITCH(scalar_kind(in.scalar_type()), elem_t, [&] { kernels::launch_grouped_kv_pool<elem_t>(params, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -104,7 +105,7 @@ at::Tensor reduce_groups(const at::Tensor& in, int64_t groups, int64_t group, in
   params.group_size = group;
   params.row = row;
   params.scale = scale;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   SCALAR_SWITCH(scalar_kind(in.scalar_type()), elem_t, [&] { kernels::launch_group_reduce<elem_t>(params, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -162,7 +163,7 @@ at::Tensor grouped_kv_proj_cuda(const at::Tensor& x, const at::Tensor& weight, c
   const auto b = has_bias ? bias->contiguous() : at::Tensor();
   const auto blocks = expert_blocks(expert_idx, s.tokens, group_sizes.size());
   const auto sorted = blocks.one_expert_owns_all ? x2 : permute_rows(x2, blocks.permutation, /*gather_rows=*/true);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   for (size_t e = 0; e < group_sizes.size(); ++e) {
     const int64_t n_e = blocks.size(e);
     if (n_e == 0) continue;

@@ -3,7 +3,8 @@
 // log-sum-exp merge of kernels/hetero_decode_attention.cuh. The pools are read in place, through
 // their strides (views narrowed from a larger capacity, as HeteroKVCache hands them out).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <fmt/format.h>
 #include <torch/library.h>
@@ -59,11 +60,15 @@ at::Tensor hetero_decode_attention_cuda(const at::Tensor& q, at::TensorList k_po
     pool.capacity = K.size(2);
   }
   const auto kind = scalar_kind(q.scalar_type());
-  const auto* device = at::cuda::getCurrentDeviceProperties();
-  params.tensor_cores = kernels::decode_tensor_cores_apply(params, kind, device->major);
+  // Two attributes straight from the runtime (cached by the driver), rather than ATen's CUDA context
+  // header, which costs this file a large part of its compile time.
+  int sm_major = 0, sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.device().index()));
+  params.tensor_cores = kernels::decode_tensor_cores_apply(params, kind, sm_major);
   const bool double_acc = q.scalar_type() == at::kDouble;
   const auto acc_dtype = double_acc ? at::kDouble : at::kFloat;
-  kernels::plan_hetero_decode(params, device->multiProcessorCount, double_acc ? sizeof(double) : sizeof(float));
+  kernels::plan_hetero_decode(params, sm_count, double_acc ? sizeof(double) : sizeof(float));
   TORCH_CHECK_VALUE(params.items <= std::numeric_limits<int32_t>::max(),
                     fmt::format("k_pools: too many blocks for one launch ({}); use a shorter cache or fewer heads",
                                 params.items));
@@ -75,7 +80,7 @@ at::Tensor hetero_decode_attention_cuda(const at::Tensor& q, at::TensorList k_po
   params.partial_acc = partial_acc.mutable_data_ptr();
   params.partial_max = partial_max.mutable_data_ptr();
   params.partial_sum = partial_sum.mutable_data_ptr();
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   SCALAR_SWITCH(kind, elem_t, [&] { kernels::launch_hetero_decode_attention<elem_t>(params, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

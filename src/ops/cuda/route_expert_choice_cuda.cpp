@@ -1,7 +1,8 @@
 // CUDA registration of route_expert_choice: the same argument checks as the CPU kernel, then one
 // block per sequence (kernels/routing.cuh).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <fmt/format.h>
 #include <torch/library.h>
@@ -62,7 +63,7 @@ at::Tensor route_expert_choice_cuda(const at::Tensor& scores, c10::ArrayRef<doub
   params.batch = B;
   params.length = L;
   params.num_experts = static_cast<int>(E);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   SCALAR_SWITCH(scalar_kind(s.scalar_type()), elem_t,
                 [&] { kernels::launch_route_expert_choice<elem_t>(params, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -21,7 +21,7 @@
 #   benchmarks.log   CUDA benchmarks (Google Benchmark console output)
 #
 # Environment: MIXSGA_PYTHON (interpreter whose torch to build against; default: .venv/bin/python if
-# its torch has CUDA, else python3), MIXSGA_GPU_BUILD (build folder, default build-gpu-check),
+# its torch has CUDA, else python3), MIXSGA_GPU_BUILD (build folder, default out/build-gpu-check),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's compute capability), MIXSGA_GPU_DEPS (default .gpu_deps),
 # MIXSGA_GPU_CHECK_BUDGET (seconds, default 450).
 set -uo pipefail
@@ -54,7 +54,7 @@ if [[ "${1:-}" == "--stage-deps" ]]; then
 fi
 
 RESULTS="${OUT:-$ROOT/out/gpu_check}"
-BUILD="${MIXSGA_GPU_BUILD:-$ROOT/build-gpu-check}"
+BUILD="${MIXSGA_GPU_BUILD:-$ROOT/out/build-gpu-check}"
 BUDGET="${MIXSGA_GPU_CHECK_BUDGET:-450}"
 JOBS="$(nproc)"
 mkdir -p "$RESULTS"

@@ -5,8 +5,6 @@ BUILD  ?= build
 JOBS   ?= $(shell nproc)
 PYTHON := $(CURDIR)/$(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-# Torch's intra-op pool: use the cores we have, never oversubscribe the shared CI machine.
-export OMP_NUM_THREADS ?= $(JOBS)
 
 CMAKE_FLAGS ?=
 
@@ -26,7 +24,8 @@ build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
 
 test: build
-	@ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+	@# ctest runs $(JOBS) tests at once: one torch thread each, or they oversubscribe the cores.
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
 
 demo: build
 	@$(BUILD)/examples/cpp/mixsga_quickstart

@@ -150,6 +150,8 @@ class MixSGAAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache=None,
+        layer_idx: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal self-attention with routed KV experts.
 
@@ -159,12 +161,21 @@ class MixSGAAttention(nn.Module):
                 attended to; padded positions' outputs are finite but meaningless. Every sequence needs
                 at least one real token.
             position_ids: optional [B, L] or [L] positions; default arange(L), or cumsum(mask) - 1
-                (clamped at 0) when a mask is given, so left padding keeps positions starting at 0.
+                (clamped at 0) when a mask is given, so left padding keeps positions starting at 0; offset
+                by the tokens already in the cache.
+            cache: optional ``mixsga._C.HeteroKVCache`` (inference; see ``cache_options``). On an empty
+                cache the call is a prefill: tokens are routed by ``prefill_routing``, stored compactly
+                (padding is not stored), and attend as without a cache. On a non-empty cache tokens
+                are routed by argmax (causal); one token (L = 1) attends through
+                ``torch.ops.mixsga.hetero_decode_attention`` over the compact pools, a longer chunk
+                through the cached K/V expanded on the fly. Same behaviour as the C++ module.
+            layer_idx: this layer's index in the cache.
         Returns:
-            (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux). Add the aux loss (averaged over
-            layers) to the model loss: it is the only thing that trains the router.
+            (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux; 0 for calls on a non-empty cache).
+            Add the aux loss (averaged over layers) to the model loss: it is the only thing that trains
+            the router.
         """
-        result = self.forward_with_routing(hidden_states, attention_mask, position_ids)
+        result = self.forward_with_routing(hidden_states, attention_mask, position_ids, cache, layer_idx)
         return result.output, result.aux_loss
 
     def forward_with_routing(
@@ -172,11 +183,13 @@ class MixSGAAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache=None,
+        layer_idx: int = 0,
     ) -> MixSGAOutput:
         """forward() plus the routing decisions: MixSGAOutput(output [B, L, D], aux_loss, expert_idx [B, L],
         target_idx [B, L]). Same arguments as forward()."""
         x = hidden_states
-        valid, positions = self._check_inputs(x, attention_mask, position_ids)
+        valid, positions = self._check_inputs(x, attention_mask, position_ids, cache, layer_idx)
         B, L = x.shape[0], x.shape[1]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         zero = torch.zeros((), dtype=acc, device=x.device)
@@ -184,13 +197,28 @@ class MixSGAAttention(nn.Module):
             none = torch.empty((B, L), dtype=torch.long, device=x.device)
             return MixSGAOutput(torch.zeros_like(x), zero, none, none)
 
+        cache_was_empty = cache is None or cache.batch_size == 0 or cache.max_seq_length(layer_idx) == 0
         # Routing: hard decisions, no gradient; only the aux loss trains the router.
         logits = self.router(x.detach() if self.detach_router_input else x)
         scores = torch.sigmoid(logits)
+        if not cache_was_empty:
+            # Decode / continuation: causal argmax routing (expert choice over a few new tokens means nothing).
+            idx = self.router.argmax_route(scores)
+            return MixSGAOutput(self._attend(x, idx, valid, positions, cache, layer_idx, False), zero, idx, idx)
         target = self.router.route(scores, valid)
         expert_idx = self.router.argmax_route(scores) if self.prefill_routing == "argmax" else target
         aux = zero if self.aux_alpha == 0.0 else self.router.aux_loss(logits, target, valid) * self.aux_alpha
-        return MixSGAOutput(self._attend(x, expert_idx, valid, positions), aux, expert_idx, target)
+        out = self._attend(x, expert_idx, valid, positions, cache, layer_idx, True)
+        return MixSGAOutput(out, aux, expert_idx, target)
+
+    def cache_options(self, num_layers: int = 1):
+        """``mixsga._C.HeteroKVCacheOptions`` matching this layer (KV heads, head dim, group sizes, dtype,
+        device) for a model of ``num_layers`` such layers."""
+        from .. import _C
+
+        w = self.q_proj.weight
+        return _C.HeteroKVCacheOptions(num_layers=num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                       group_sizes=list(self.group_sizes), dtype=w.dtype, device=w.device)
 
     def forward_routed(
         self,
@@ -236,7 +264,12 @@ class MixSGAAttention(nn.Module):
         return RoutingAgreement(agreement, ratios(argmax), ratios(choice))
 
     def _check_inputs(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache=None,
+        layer_idx: int = 0,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Validates the inputs (shape checks only, so this traces) -> (valid [B, L] bool or None,
         positions [B, L] or [L])."""
@@ -271,6 +304,24 @@ class MixSGAAttention(nn.Module):
                         f"attention_mask: sequence {int(empty[0, 0])} has no valid token (all padding); "
                         "every sequence needs at least one"
                     )
+        past_batch = 0
+        if cache is not None:
+            o = cache.options
+            if (o.num_kv_heads, o.head_dim, list(o.group_sizes)) != (
+                self.num_kv_heads,
+                self.head_dim,
+                list(self.group_sizes),
+            ):
+                raise ValueError(
+                    f"cache: built for num_kv_heads={o.num_kv_heads}, head_dim={o.head_dim}, "
+                    f"group_sizes={tuple(o.group_sizes)}, but the layer has num_kv_heads={self.num_kv_heads}, "
+                    f"head_dim={self.head_dim}, group_sizes={tuple(self.group_sizes)}"
+                )
+            if not 0 <= layer_idx < o.num_layers:
+                raise IndexError(f"layer_idx: must be in [0, {o.num_layers}) (the cache's num_layers), got {layer_idx}")
+            past_batch = cache.batch_size
+            if past_batch not in (0, B):
+                raise ValueError(f"hidden_states: batch size {B} does not match the cache's batch size {past_batch}")
         if position_ids is not None:
             check_tensor(position_ids, "position_ids")
             if not (
@@ -283,10 +334,19 @@ class MixSGAAttention(nn.Module):
             positions = position_ids
         else:
             positions = default_positions(valid, L, x.device)
+            if past_batch > 0:
+                positions = positions + cache.seq_lengths(layer_idx).to(x.device).unsqueeze(1)
         return valid, positions
 
     def _attend(
-        self, x: torch.Tensor, expert_idx: torch.Tensor, valid: torch.Tensor | None, positions: torch.Tensor
+        self,
+        x: torch.Tensor,
+        expert_idx: torch.Tensor,
+        valid: torch.Tensor | None,
+        positions: torch.Tensor,
+        cache=None,
+        layer_idx: int = 0,
+        cache_was_empty: bool = True,
     ) -> torch.Tensor:
         B, L = x.shape[0], x.shape[1]
         Hq, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -296,6 +356,10 @@ class MixSGAAttention(nn.Module):
         v = torch.ops.mixsga.grouped_kv_proj(x, self.v_proj.weight, self.v_proj.bias, expert_idx, groups, d)
         q = apply_rope(self.q_proj(x).view(B, L, Hq, d), positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
+        if cache is not None:
+            cache.append(layer_idx, k.detach(), v.detach(), expert_idx, valid, not cache_was_empty)
+            if not cache_was_empty:
+                return self.o_proj(self._attend_cached(q, positions, cache, layer_idx).reshape(B, L, Hq * d))
         mask = None if valid is None else padding_attention_mask(valid)
         attn = F.scaled_dot_product_attention(
             q.transpose(1, 2),
@@ -307,3 +371,31 @@ class MixSGAAttention(nn.Module):
             enable_gqa=Hq != Hkv,
         ).transpose(1, 2)
         return self.o_proj(attn.reshape(B, L, Hq * d))
+
+    def _attend_cached(self, q: torch.Tensor, positions: torch.Tensor, cache, layer_idx: int) -> torch.Tensor:
+        """Attention of new queries q [B, L, Hq, d] over everything in the cache (which already holds
+        them) -> [B, L, Hq, d]."""
+        B, L = q.shape[0], q.shape[1]
+        keys, values = cache.keys(layer_idx), cache.values(layer_idx)
+        lengths = cache.lengths(layer_idx)
+        if L == 1:
+            return torch.ops.mixsga.hetero_decode_attention(q[:, 0], keys, values, lengths, self.num_kv_heads, None)[
+                :, None
+            ]
+        # A chunk after cached tokens: expand the compact pools on the fly (plain decoding uses the
+        # compact kernel above).
+        lengths = lengths.to(q.device)
+        key_pos, stored = [], []
+        for e, g in enumerate(self.group_sizes):
+            key_pos.append(cache.positions(layer_idx)[e].long())
+            slots = torch.arange(keys[e].shape[2], device=q.device)
+            stored.append(slots[None, :] < lengths[:, e : e + 1])
+        k = torch.cat([kk.repeat_interleave(g, 1) for kk, g in zip(keys, self.group_sizes)], 2)
+        v = torch.cat([vv.repeat_interleave(g, 1) for vv, g in zip(values, self.group_sizes)], 2)
+        key_pos, stored = torch.cat(key_pos, 1), torch.cat(stored, 1)
+        query_pos = positions.expand(B, L) if positions.dim() == 1 else positions
+        mask = stored[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [B, L, T]
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=mask[:, None], enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return attn.transpose(1, 2)

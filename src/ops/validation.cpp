@@ -4,6 +4,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <c10/util/accumulate.h>
+
 #include <cmath>
 
 namespace mixsga::detail {
@@ -71,6 +73,73 @@ void check_expert_idx(const at::Tensor& expert_idx, c10::IntArrayRef expected_sh
   TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < num_experts,
                     fmt::format("{}: values must be in [0, {}) (one per expert), got values in [{}, {}]", name,
                                 num_experts, lo_v, hi_v));
+}
+
+at::Tensor check_routing_args(const at::Tensor& scores, c10::ArrayRef<double> ratios,
+                              const std::optional<at::Tensor>& valid_mask) {
+  check_floating(scores, "scores");
+  TORCH_CHECK_VALUE(scores.dim() == 3, fmt::format("scores: expected shape [B, L, E], got {}", shape_str(scores.sizes())));
+  const int64_t B = scores.size(0), L = scores.size(1), E = scores.size(2);
+  TORCH_CHECK_VALUE(E >= 1, fmt::format("scores: needs at least one expert column, got shape {}", shape_str(scores.sizes())));
+  check_ratios(ratios, E);
+  if (!valid_mask.has_value() || !valid_mask->defined()) return at::Tensor();
+  const auto& m = *valid_mask;
+  TORCH_CHECK_VALUE(m.device() == scores.device(), fmt::format("valid_mask: expected device {}, got {}",
+                                                               scores.device().str(), m.device().str()));
+  TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == L,
+                    fmt::format("valid_mask: expected shape [{}, {}] (the [B, L] of scores), got {}", B, L,
+                                shape_str(m.sizes())));
+  auto valid = m.ne(0).contiguous();
+  if (B > 0 && L > 0) {
+    const auto empty = valid.sum(1).eq(0).nonzero();
+    TORCH_CHECK_VALUE(empty.numel() == 0,
+                      fmt::format("valid_mask: sequence {} has no valid token (all padding); every sequence "
+                                  "needs at least one",
+                                  empty.numel() ? empty[0][0].item<int64_t>() : -1));
+  }
+  return valid;
+}
+
+ProjShapes check_grouped_kv_proj_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
+                                      c10::IntArrayRef group_sizes, int64_t head_dim) {
+  check_floating(x, "x");
+  check_floating(weight, "weight");
+  TORCH_CHECK_VALUE(x.dim() >= 1, fmt::format("x: expected shape [*, D], got {}", shape_str(x.sizes())));
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(-1),
+                    fmt::format("weight: expected shape [Hkv * head_dim, {}] (D = x.size(-1)), got {}", x.size(-1),
+                                shape_str(weight.sizes())));
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(),
+                   fmt::format("weight: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
+                               c10::toString(weight.scalar_type())));
+  TORCH_CHECK_VALUE(weight.device() == x.device(),
+                    fmt::format("weight: expected device {}, got {}", x.device().str(), weight.device().str()));
+  TORCH_CHECK_VALUE(head_dim >= 1 && weight.size(0) % head_dim == 0 && weight.size(0) > 0,
+                    fmt::format("head_dim: must be >= 1 and divide weight.size(0) ({}), got {}", weight.size(0), head_dim));
+  const int64_t heads = weight.size(0) / head_dim;
+  check_group_sizes(group_sizes, heads);
+  check_expert_idx(expert_idx, x.sizes().slice(0, x.dim() - 1), static_cast<int64_t>(group_sizes.size()), x.device());
+  const int64_t hidden = x.size(-1);
+  const int64_t tokens = hidden == 0 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : x.numel() / hidden;
+  return {tokens, hidden, heads, head_dim};
+}
+
+std::vector<int64_t> grouped_kv_proj_out_shape(const at::Tensor& x, int64_t heads, int64_t head_dim) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(heads);
+  shape.push_back(head_dim);
+  return shape;
+}
+
+void check_permutation_args(const at::Tensor& x, const at::Tensor& permutation) {
+  TORCH_CHECK_VALUE(x.defined() && x.dim() >= 1,
+                    fmt::format("x: expected shape [N, *], got {}", x.defined() ? shape_str(x.sizes()) : "undefined"));
+  TORCH_CHECK_TYPE(permutation.scalar_type() == at::kLong,
+                   fmt::format("permutation: expected int64, got {}", c10::toString(permutation.scalar_type())));
+  TORCH_CHECK_VALUE(permutation.device() == x.device(),
+                    fmt::format("permutation: expected device {}, got {}", x.device().str(), permutation.device().str()));
+  TORCH_CHECK_VALUE(permutation.dim() == 1 && permutation.size(0) == x.size(0),
+                    fmt::format("permutation: expected shape [{}] (x.size(0)), got {}", x.size(0),
+                                shape_str(permutation.sizes())));
 }
 
 }  // namespace mixsga::detail

@@ -5,7 +5,9 @@
 #include <ATen/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <optional>
 #include <string_view>
+#include <vector>
 
 namespace mixsga::detail {
 
@@ -23,6 +25,28 @@ void check_expert_idx(const at::Tensor& expert_idx, c10::IntArrayRef expected_sh
 
 /// A floating tensor (float32, float64, bfloat16 or float16).
 void check_floating(const at::Tensor& t, std::string_view name);
+
+/// route_expert_choice's arguments: scores [B, L, E] floating, ratios matching E, optional [B, L]
+/// valid_mask on scores' device where every sequence has a valid token. Returns the mask as a
+/// contiguous bool tensor, or an undefined tensor when no mask was given.
+at::Tensor check_routing_args(const at::Tensor& scores, c10::ArrayRef<double> ratios,
+                              const std::optional<at::Tensor>& valid_mask);
+
+/// Sizes of a grouped_kv_proj call.
+struct ProjShapes {
+  int64_t tokens, hidden, heads, head_dim;
+};
+
+/// grouped_kv_proj's (and its backward's) x / weight / expert_idx / group_sizes / head_dim checks.
+ProjShapes check_grouped_kv_proj_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
+                                      c10::IntArrayRef group_sizes, int64_t head_dim);
+
+/// Output shape of grouped_kv_proj: x's leading dims + [heads, head_dim].
+std::vector<int64_t> grouped_kv_proj_out_shape(const at::Tensor& x, int64_t heads, int64_t head_dim);
+
+/// expert_scatter / expert_gather: x [N, *] and an int64 [N] permutation on x's device (values are
+/// checked by each backend).
+void check_permutation_args(const at::Tensor& x, const at::Tensor& permutation);
 
 /// Formats a shape as "[2, 3, 4]".
 std::string shape_str(c10::IntArrayRef shape);

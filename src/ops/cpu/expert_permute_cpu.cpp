@@ -33,15 +33,7 @@ std::tuple<at::Tensor, at::Tensor> expert_permutation_cpu(const at::Tensor& expe
 // Validates and returns the permutation as a contiguous int64 tensor. A true permutation is required
 // (every row exactly once), so parallel row copies never race and no output row stays unwritten.
 at::Tensor checked_permutation(const at::Tensor& x, const at::Tensor& permutation) {
-  TORCH_CHECK_VALUE(x.defined() && x.dim() >= 1,
-                    fmt::format("x: expected shape [N, *], got {}", x.defined() ? detail::shape_str(x.sizes()) : "undefined"));
-  TORCH_CHECK_TYPE(permutation.scalar_type() == at::kLong,
-                   fmt::format("permutation: expected int64, got {}", c10::toString(permutation.scalar_type())));
-  TORCH_CHECK_VALUE(permutation.device() == x.device(),
-                    fmt::format("permutation: expected device {}, got {}", x.device().str(), permutation.device().str()));
-  TORCH_CHECK_VALUE(permutation.dim() == 1 && permutation.size(0) == x.size(0),
-                    fmt::format("permutation: expected shape [{}] (x.size(0)), got {}", x.size(0),
-                                detail::shape_str(permutation.sizes())));
+  detail::check_permutation_args(x, permutation);
   auto perm = permutation.contiguous();
   const int64_t n = perm.numel();
   const int64_t* pp = perm.const_data_ptr<int64_t>();

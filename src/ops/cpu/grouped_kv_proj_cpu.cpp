@@ -19,40 +19,8 @@
 namespace mixsga::cpu {
 namespace {
 
-struct ProjShapes {
-  int64_t tokens, hidden, heads, head_dim;
-};
-
-ProjShapes check_proj_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
-                           c10::IntArrayRef group_sizes, int64_t head_dim) {
-  detail::check_floating(x, "x");
-  detail::check_floating(weight, "weight");
-  TORCH_CHECK_VALUE(x.dim() >= 1, fmt::format("x: expected shape [*, D], got {}", detail::shape_str(x.sizes())));
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(-1),
-                    fmt::format("weight: expected shape [Hkv * head_dim, {}] (D = x.size(-1)), got {}", x.size(-1),
-                                detail::shape_str(weight.sizes())));
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(),
-                   fmt::format("weight: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
-                               c10::toString(weight.scalar_type())));
-  TORCH_CHECK_VALUE(weight.device() == x.device(),
-                    fmt::format("weight: expected device {}, got {}", x.device().str(), weight.device().str()));
-  TORCH_CHECK_VALUE(head_dim >= 1 && weight.size(0) % head_dim == 0 && weight.size(0) > 0,
-                    fmt::format("head_dim: must be >= 1 and divide weight.size(0) ({}), got {}", weight.size(0), head_dim));
-  const int64_t heads = weight.size(0) / head_dim;
-  detail::check_group_sizes(group_sizes, heads);
-  detail::check_expert_idx(expert_idx, x.sizes().slice(0, x.dim() - 1), static_cast<int64_t>(group_sizes.size()),
-                           x.device());
-  const int64_t hidden = x.size(-1);
-  const int64_t tokens = hidden == 0 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : x.numel() / hidden;
-  return {tokens, hidden, heads, head_dim};
-}
-
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t heads, int64_t head_dim) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(heads);
-  shape.push_back(head_dim);
-  return shape;
-}
+using detail::ProjShapes;
+using detail::check_grouped_kv_proj_args;
 
 // out[row_i, c * g + r, :] = compact[i, c, :] for every r < g: one pass over the output, parallel
 // over tokens (instead of materialising the repeat and then index-copying it).
@@ -77,7 +45,7 @@ void scatter_repeated(const at::Tensor& compact, const at::Tensor& rows, bool id
 
 at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
-  const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
+  const auto s = check_grouped_kv_proj_args(x, weight, expert_idx, group_sizes, head_dim);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
@@ -90,7 +58,7 @@ at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, co
                       fmt::format("bias: expected device {}, got {}", x.device().str(), bias->device().str()));
   }
   auto out = at::empty({s.tokens, s.heads, s.head_dim}, x.options());
-  if (s.tokens == 0) return out.view(out_shape(x, s.heads, s.head_dim));
+  if (s.tokens == 0) return out.view(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim));
 
   const auto x2 = x.reshape({s.tokens, s.hidden});
   const auto [perm, offsets] = ops::expert_permutation(expert_idx.reshape({s.tokens}), group_sizes.size());
@@ -106,7 +74,7 @@ at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, co
     const auto ye = has_bias ? at::addmm(ops::pool_kv_weight(*bias, g, s.head_dim), xe, we.t()) : at::mm(xe, we.t());
     scatter_repeated(ye, rows, all_tokens, g, s.head_dim, out);
   }
-  return out.view(out_shape(x, s.heads, s.head_dim));
+  return out.view(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim));
 }
 
 // Forward: y_e = x_e @ P_e(W)^T + P_e(b), out[h] = y_e[group(h)]. So with G the incoming gradient,
@@ -115,9 +83,9 @@ at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
     c10::IntArrayRef group_sizes, int64_t head_dim) {
-  const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
-  TORCH_CHECK_VALUE(grad_out.sizes().equals(out_shape(x, s.heads, s.head_dim)),
-                    fmt::format("grad_out: expected shape {}, got {}", detail::shape_str(out_shape(x, s.heads, s.head_dim)),
+  const auto s = check_grouped_kv_proj_args(x, weight, expert_idx, group_sizes, head_dim);
+  TORCH_CHECK_VALUE(grad_out.sizes().equals(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
+                    fmt::format("grad_out: expected shape {}, got {}", detail::shape_str(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
                                 detail::shape_str(grad_out.sizes())));
   auto grad_x = at::zeros({s.tokens, s.hidden}, x.options());
   auto grad_w = at::zeros_like(weight, at::MemoryFormat::Contiguous);

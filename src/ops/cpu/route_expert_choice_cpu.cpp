@@ -58,34 +58,9 @@ void route_one_sequence(const scalar_t* scores, const bool* valid, int64_t L, in
 
 at::Tensor route_expert_choice_cpu(const at::Tensor& scores, c10::ArrayRef<double> ratios,
                                    const std::optional<at::Tensor>& valid_mask) {
-  detail::check_floating(scores, "scores");
-  TORCH_CHECK_VALUE(scores.dim() == 3, fmt::format("scores: expected shape [B, L, E], got {}",
-                                                   detail::shape_str(scores.sizes())));
+  auto valid = detail::check_routing_args(scores, ratios, valid_mask);
   const int64_t B = scores.size(0), L = scores.size(1), E = scores.size(2);
-  TORCH_CHECK_VALUE(E >= 1, fmt::format("scores: needs at least one expert column, got shape {}",
-                                        detail::shape_str(scores.sizes())));
-  detail::check_ratios(ratios, E);
-
-  at::Tensor valid;
-  if (valid_mask.has_value() && valid_mask->defined()) {
-    const auto& m = *valid_mask;
-    TORCH_CHECK_VALUE(m.device() == scores.device(), fmt::format("valid_mask: expected device {}, got {}",
-                                                                 scores.device().str(), m.device().str()));
-    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == L,
-                      fmt::format("valid_mask: expected shape [{}, {}] (the [B, L] of scores), got {}", B, L,
-                                  detail::shape_str(m.sizes())));
-    valid = m.ne(0).contiguous();
-    if (B > 0 && L > 0) {
-      const auto per_seq = valid.sum(1);
-      const auto empty = per_seq.eq(0).nonzero();
-      TORCH_CHECK_VALUE(empty.numel() == 0,
-                        fmt::format("valid_mask: sequence {} has no valid token (all padding); every sequence "
-                                    "needs at least one",
-                                    empty.numel() ? empty[0][0].item<int64_t>() : -1));
-    }
-  } else {
-    valid = at::ones({B, L}, scores.options().dtype(at::kBool));
-  }
+  if (!valid.defined()) valid = at::ones({B, L}, scores.options().dtype(at::kBool));
 
   auto out = at::empty({B, L}, scores.options().dtype(at::kLong));
   if (B == 0 || L == 0) return out;

@@ -64,15 +64,7 @@ std::tuple<at::Tensor, at::Tensor> expert_permutation_cuda(const at::Tensor& exp
 
 // The CPU kernel's checks, with the every-value-once test done on the device.
 at::Tensor checked_permutation(const at::Tensor& x, const at::Tensor& permutation) {
-  TORCH_CHECK_VALUE(x.defined() && x.dim() >= 1,
-                    fmt::format("x: expected shape [N, *], got {}", x.defined() ? detail::shape_str(x.sizes()) : "undefined"));
-  TORCH_CHECK_TYPE(permutation.scalar_type() == at::kLong,
-                   fmt::format("permutation: expected int64, got {}", c10::toString(permutation.scalar_type())));
-  TORCH_CHECK_VALUE(permutation.device() == x.device(),
-                    fmt::format("permutation: expected device {}, got {}", x.device().str(), permutation.device().str()));
-  TORCH_CHECK_VALUE(permutation.dim() == 1 && permutation.size(0) == x.size(0),
-                    fmt::format("permutation: expected shape [{}] (x.size(0)), got {}", x.size(0),
-                                detail::shape_str(permutation.sizes())));
+  detail::check_permutation_args(x, permutation);
   c10::cuda::CUDAGuard guard(x.device());
   auto perm = permutation.contiguous();
   const int64_t n = perm.numel();

@@ -55,41 +55,14 @@ at::Tensor grouped_kv_pool_cuda(const at::Tensor& kv, const at::Tensor& expert_i
   return out;
 }
 
-struct ProjShapes {
-  int64_t tokens, hidden, heads, head_dim;
-};
+using detail::ProjShapes;
 
-// The CPU kernel's checks (same messages).
+// The shared checks plus the CUDA kernels' expert limit.
 ProjShapes check_proj_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
                            c10::IntArrayRef group_sizes, int64_t head_dim) {
-  detail::check_floating(x, "x");
-  detail::check_floating(weight, "weight");
-  TORCH_CHECK_VALUE(x.dim() >= 1, fmt::format("x: expected shape [*, D], got {}", detail::shape_str(x.sizes())));
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(-1),
-                    fmt::format("weight: expected shape [Hkv * head_dim, {}] (D = x.size(-1)), got {}", x.size(-1),
-                                detail::shape_str(weight.sizes())));
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(),
-                   fmt::format("weight: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
-                               c10::toString(weight.scalar_type())));
-  TORCH_CHECK_VALUE(weight.device() == x.device(),
-                    fmt::format("weight: expected device {}, got {}", x.device().str(), weight.device().str()));
-  TORCH_CHECK_VALUE(head_dim >= 1 && weight.size(0) % head_dim == 0 && weight.size(0) > 0,
-                    fmt::format("head_dim: must be >= 1 and divide weight.size(0) ({}), got {}", weight.size(0), head_dim));
-  const int64_t heads = weight.size(0) / head_dim;
-  detail::check_group_sizes(group_sizes, heads);
-  detail::check_expert_idx(expert_idx, x.sizes().slice(0, x.dim() - 1), static_cast<int64_t>(group_sizes.size()),
-                           x.device());
+  const auto shapes = detail::check_grouped_kv_proj_args(x, weight, expert_idx, group_sizes, head_dim);
   check_cuda_experts(static_cast<int64_t>(group_sizes.size()), "group_sizes");
-  const int64_t hidden = x.size(-1);
-  const int64_t tokens = hidden == 0 ? c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)) : x.numel() / hidden;
-  return {tokens, hidden, heads, head_dim};
-}
-
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t heads, int64_t head_dim) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(heads);
-  shape.push_back(head_dim);
-  return shape;
+  return shapes;
 }
 
 // out[m, r] = scale * sum_{i < group} in[m * group + i, r] for a contiguous `in` of groups * group rows
@@ -156,7 +129,7 @@ at::Tensor grouped_kv_proj_cuda(const at::Tensor& x, const at::Tensor& weight, c
   }
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({s.tokens, s.heads, s.head_dim}, x.options());
-  if (s.tokens == 0) return out.view(out_shape(x, s.heads, s.head_dim));
+  if (s.tokens == 0) return out.view(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim));
 
   const auto x2 = x.reshape({s.tokens, s.hidden}).contiguous();
   const auto w = weight.contiguous();
@@ -183,7 +156,7 @@ at::Tensor grouped_kv_proj_cuda(const at::Tensor& x, const at::Tensor& weight, c
     SCALAR_SWITCH(scalar_kind(x.scalar_type()), elem_t, [&] { kernels::launch_expand_rows<elem_t>(params, stream); });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return out.view(out_shape(x, s.heads, s.head_dim));
+  return out.view(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim));
 }
 
 // Forward: y_e = x_e @ P_e(W)^T + P_e(b), out[h] = y_e[group(h)]. With G the incoming gradient:
@@ -193,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
     c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
-  TORCH_CHECK_VALUE(grad_out.sizes().equals(out_shape(x, s.heads, s.head_dim)),
-                    fmt::format("grad_out: expected shape {}, got {}", detail::shape_str(out_shape(x, s.heads, s.head_dim)),
+  TORCH_CHECK_VALUE(grad_out.sizes().equals(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
+                    fmt::format("grad_out: expected shape {}, got {}", detail::shape_str(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
                                 detail::shape_str(grad_out.sizes())));
   TORCH_CHECK_VALUE(grad_out.device() == x.device(),
                     fmt::format("grad_out: expected device {}, got {}", x.device().str(), grad_out.device().str()));

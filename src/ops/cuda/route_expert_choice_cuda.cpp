@@ -20,32 +20,9 @@ namespace {
 
 at::Tensor route_expert_choice_cuda(const at::Tensor& scores, c10::ArrayRef<double> ratios,
                                     const std::optional<at::Tensor>& valid_mask) {
-  detail::check_floating(scores, "scores");
-  TORCH_CHECK_VALUE(scores.dim() == 3, fmt::format("scores: expected shape [B, L, E], got {}",
-                                                   detail::shape_str(scores.sizes())));
+  const auto valid = detail::check_routing_args(scores, ratios, valid_mask);
   const int64_t B = scores.size(0), L = scores.size(1), E = scores.size(2);
-  TORCH_CHECK_VALUE(E >= 1, fmt::format("scores: needs at least one expert column, got shape {}",
-                                        detail::shape_str(scores.sizes())));
-  detail::check_ratios(ratios, E);
   check_cuda_experts(E, "scores");
-
-  at::Tensor valid;
-  if (valid_mask.has_value() && valid_mask->defined()) {
-    const auto& m = *valid_mask;
-    TORCH_CHECK_VALUE(m.device() == scores.device(), fmt::format("valid_mask: expected device {}, got {}",
-                                                                 scores.device().str(), m.device().str()));
-    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == L,
-                      fmt::format("valid_mask: expected shape [{}, {}] (the [B, L] of scores), got {}", B, L,
-                                  detail::shape_str(m.sizes())));
-    valid = m.ne(0).contiguous();
-    if (B > 0 && L > 0) {
-      const auto empty = valid.sum(1).eq(0).nonzero();
-      TORCH_CHECK_VALUE(empty.numel() == 0,
-                        fmt::format("valid_mask: sequence {} has no valid token (all padding); every sequence "
-                                    "needs at least one",
-                                    empty.numel() ? empty[0][0].item<int64_t>() : -1));
-    }
-  }
 
   auto out = at::empty({B, L}, scores.options().dtype(at::kLong));
   if (B == 0 || L == 0) return out;

@@ -123,6 +123,27 @@ ProjShapes check_grouped_kv_proj_args(const at::Tensor& x, const at::Tensor& wei
   return {tokens, hidden, heads, head_dim};
 }
 
+bool check_grouped_kv_proj_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, const at::Tensor& weight) {
+  if (!bias.has_value() || !bias->defined()) return false;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                    fmt::format("bias: expected shape [{}] (weight.size(0)), got {}", weight.size(0),
+                                shape_str(bias->sizes())));
+  TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(),
+                   fmt::format("bias: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
+                               c10::toString(bias->scalar_type())));
+  TORCH_CHECK_VALUE(bias->device() == x.device(),
+                    fmt::format("bias: expected device {}, got {}", x.device().str(), bias->device().str()));
+  return true;
+}
+
+void check_grouped_kv_pool_args(const at::Tensor& kv, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes) {
+  check_floating(kv, "kv");
+  TORCH_CHECK_VALUE(kv.dim() >= 2, fmt::format("kv: expected shape [*, Hkv, d], got {}", shape_str(kv.sizes())));
+  check_group_sizes(group_sizes, kv.size(-2));
+  check_expert_idx(expert_idx, kv.sizes().slice(0, kv.dim() - 2), static_cast<int64_t>(group_sizes.size()),
+                   kv.device());
+}
+
 std::vector<int64_t> grouped_kv_proj_out_shape(const at::Tensor& x, int64_t heads, int64_t head_dim) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(heads);

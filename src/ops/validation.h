@@ -41,6 +41,12 @@ struct ProjShapes {
 ProjShapes check_grouped_kv_proj_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
                                       c10::IntArrayRef group_sizes, int64_t head_dim);
 
+/// grouped_kv_proj's optional bias: [weight.size(0)], x's dtype and device. Returns whether it is given.
+bool check_grouped_kv_proj_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, const at::Tensor& weight);
+
+/// grouped_kv_pool's arguments: kv [*, Hkv, d] floating, group sizes dividing Hkv, expert_idx [*].
+void check_grouped_kv_pool_args(const at::Tensor& kv, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes);
+
 /// Output shape of grouped_kv_proj: x's leading dims + [heads, head_dim].
 std::vector<int64_t> grouped_kv_proj_out_shape(const at::Tensor& x, int64_t heads, int64_t head_dim);
 

@@ -38,12 +38,8 @@ void pool_token(const scalar_t* in, scalar_t* out, int64_t heads, int64_t d, int
 }
 
 at::Tensor grouped_kv_pool_cpu(const at::Tensor& kv, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes) {
-  detail::check_floating(kv, "kv");
-  TORCH_CHECK_VALUE(kv.dim() >= 2, fmt::format("kv: expected shape [*, Hkv, d], got {}", detail::shape_str(kv.sizes())));
+  detail::check_grouped_kv_pool_args(kv, expert_idx, group_sizes);
   const int64_t heads = kv.size(-2), d = kv.size(-1);
-  detail::check_group_sizes(group_sizes, heads);
-  detail::check_expert_idx(expert_idx, kv.sizes().slice(0, kv.dim() - 2), static_cast<int64_t>(group_sizes.size()),
-                           kv.device());
 
   const auto in = kv.contiguous();
   auto out = at::empty_like(in);

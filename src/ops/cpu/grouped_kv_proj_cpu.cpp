@@ -46,17 +46,7 @@ void scatter_repeated(const at::Tensor& compact, const at::Tensor& rows, bool id
 at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_grouped_kv_proj_args(x, weight, expert_idx, group_sizes, head_dim);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                      fmt::format("bias: expected shape [{}] (weight.size(0)), got {}", weight.size(0),
-                                  detail::shape_str(bias->sizes())));
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(),
-                     fmt::format("bias: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
-                                 c10::toString(bias->scalar_type())));
-    TORCH_CHECK_VALUE(bias->device() == x.device(),
-                      fmt::format("bias: expected device {}, got {}", x.device().str(), bias->device().str()));
-  }
+  const bool has_bias = detail::check_grouped_kv_proj_bias(bias, x, weight);
   auto out = at::empty({s.tokens, s.heads, s.head_dim}, x.options());
   if (s.tokens == 0) return out.view(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim));
 

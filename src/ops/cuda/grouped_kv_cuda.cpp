@@ -26,12 +26,8 @@ namespace mixsga::cuda {
 namespace {
 
 at::Tensor grouped_kv_pool_cuda(const at::Tensor& kv, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes) {
-  detail::check_floating(kv, "kv");
-  TORCH_CHECK_VALUE(kv.dim() >= 2, fmt::format("kv: expected shape [*, Hkv, d], got {}", detail::shape_str(kv.sizes())));
+  detail::check_grouped_kv_pool_args(kv, expert_idx, group_sizes);
   const int64_t heads = kv.size(-2), d = kv.size(-1);
-  detail::check_group_sizes(group_sizes, heads);
-  detail::check_expert_idx(expert_idx, kv.sizes().slice(0, kv.dim() - 2), static_cast<int64_t>(group_sizes.size()),
-                           kv.device());
   check_cuda_experts(static_cast<int64_t>(group_sizes.size()), "group_sizes");
   c10::cuda::CUDAGuard guard(kv.device());
 
@@ -116,17 +112,7 @@ ExpertBlocks expert_blocks(const at::Tensor& expert_idx, int64_t tokens, size_t 
 at::Tensor grouped_kv_proj_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                      fmt::format("bias: expected shape [{}] (weight.size(0)), got {}", weight.size(0),
-                                  detail::shape_str(bias->sizes())));
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(),
-                     fmt::format("bias: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
-                                 c10::toString(bias->scalar_type())));
-    TORCH_CHECK_VALUE(bias->device() == x.device(),
-                      fmt::format("bias: expected device {}, got {}", x.device().str(), bias->device().str()));
-  }
+  const bool has_bias = detail::check_grouped_kv_proj_bias(bias, x, weight);
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({s.tokens, s.heads, s.head_dim}, x.options());
   if (s.tokens == 0) return out.view(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim));

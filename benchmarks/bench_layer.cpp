@@ -2,8 +2,10 @@
 //   Layer/mixsga vs Layer/gqa50   - forward and forward+backward of MixSGAAttention (3:1:6 over (1,2,4))
 //                                   vs a static GQA layer with Hkv/2 heads (same 50 % budget), both
 //                                   with at::scaled_dot_product_attention
-//   KVProj/grouped vs KVProj/full - grouped_kv_proj at 3:1:6 vs the full K projection (the target
-//                                   is <= 0.6x: the GEMM work is sum rho_e / g_e = 0.5 of it)
+//   KVProj/grouped vs KVProj/full - the K and V projections of SharedGroupKV at 3:1:6 (one fused
+//                                   grouped_kv_proj over [W_k; W_v]) vs the two full Linears of the
+//                                   base layer (the target is <= 0.6x: the GEMM work is
+//                                   sum rho_e / g_e = 0.5 of it)
 //   Routing                        - route_expert_choice over [B, L, 3]
 #include <benchmark/benchmark.h>
 #include <mixsga/mixsga.h>
@@ -14,8 +16,9 @@ namespace {
 struct Shape {
   int64_t hidden, heads, kv_heads, seq, batch;
 };
-// Index into kShapes: a small and a mid-size Llama-style layer.
-const Shape kShapes[] = {{512, 8, 4, 1024, 4}, {1024, 16, 8, 512, 1}, {1024, 16, 8, 2048, 1}, {2048, 32, 8, 1024, 1}};
+// Index into kShapes: small to mid-size Llama-style layers, from short batched sequences to one long one.
+const Shape kShapes[] = {{512, 8, 4, 1024, 4},  {1024, 16, 8, 512, 1}, {1024, 16, 8, 2048, 1},
+                         {2048, 32, 8, 1024, 1}, {1024, 16, 4, 256, 8}, {512, 8, 4, 4096, 1}};
 
 torch::Dtype dtype_of(int64_t code) { return code == 0 ? torch::kFloat : torch::kBFloat16; }
 
@@ -74,12 +77,19 @@ void BM_KVProj(benchmark::State& state, bool grouped) {
   const auto dtype = dtype_of(state.range(1));
   const int64_t d = s.hidden / s.heads;
   const auto x = torch::randn({s.batch, s.seq, s.hidden}).to(dtype);
-  const auto w = torch::randn({s.kv_heads * d, s.hidden}).to(dtype);
+  mixsga::nn::SharedGroupKV kv(mixsga::nn::SharedGroupKVOptions(s.hidden, s.kv_heads, d));
+  kv->to(dtype);
   const auto idx = mixsga::ops::route_expert_choice(torch::rand({s.batch, s.seq, 3}), {0.3, 0.1, 0.6});
   for (auto _ : state) {
-    auto out = grouped ? mixsga::ops::grouped_kv_proj(x, w, std::nullopt, idx, {1, 2, 4}, d)
-                       : torch::nn::functional::linear(x, w).view({s.batch, s.seq, s.kv_heads, d});
-    benchmark::DoNotOptimize(out.data_ptr());
+    torch::Tensor k, v;
+    if (grouped) {
+      std::tie(k, v) = kv->forward(x, idx);
+    } else {
+      k = kv->k_proj(x).view({s.batch, s.seq, s.kv_heads, d});
+      v = kv->v_proj(x).view({s.batch, s.seq, s.kv_heads, d});
+    }
+    benchmark::DoNotOptimize(k.data_ptr());
+    benchmark::DoNotOptimize(v.data_ptr());
   }
 }
 
@@ -97,7 +107,7 @@ void BM_Routing(benchmark::State& state) {
 void LayerShapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"shape", "bf16"});
   for (int64_t dtype : {0, 1})
-    for (int64_t shape = 0; shape < 4; ++shape) b->Args({shape, dtype});
+    for (int64_t shape = 0; shape < static_cast<int64_t>(std::size(kShapes)); ++shape) b->Args({shape, dtype});
   b->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.5);
 }
 

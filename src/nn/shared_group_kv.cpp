@@ -38,10 +38,14 @@ std::tuple<torch::Tensor, torch::Tensor> SharedGroupKVImpl::forward(const torch:
                                c10::toString(x.scalar_type())));
   const auto& g = options.group_sizes();
   const int64_t d = options.head_dim();
-  auto k = ops::grouped_kv_proj(x, k_proj->weight, k_proj->bias.defined() ? std::optional(k_proj->bias) : std::nullopt,
-                                expert_idx, g, d);
-  auto v = ops::grouped_kv_proj(x, v_proj->weight, v_proj->bias.defined() ? std::optional(v_proj->bias) : std::nullopt,
-                                expert_idx, g, d);
+  // K and V in one grouped projection over the stacked [W_k; W_v] (2*Hkv heads): the tokens are
+  // sorted and gathered once, and every expert's GEMM is twice as wide. Pooling groups never straddle
+  // the K/V boundary because every group size divides Hkv.
+  const auto weight = torch::cat({k_proj->weight, v_proj->weight}, 0);
+  const auto bias = k_proj->bias.defined() ? std::optional(torch::cat({k_proj->bias, v_proj->bias}, 0)) : std::nullopt;
+  const auto kv = ops::grouped_kv_proj(x, weight, bias, expert_idx, g, d);  // [..., 2*Hkv, d]
+  const int64_t heads = options.num_kv_heads();
+  auto k = kv.narrow(-2, 0, heads), v = kv.narrow(-2, heads, heads);
   return {k, v};
 }
 

@@ -22,6 +22,7 @@ from .._checks import (
 from .._kv_fraction import kv_fraction
 from .functional import apply_rope, default_positions, padding_attention_mask
 from .router import ExpertChoiceRouter
+from .shared_group_kv import grouped_kv
 
 
 class MixSGAOutput(NamedTuple):
@@ -352,8 +353,7 @@ class MixSGAAttention(nn.Module):
         Hq, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         groups = list(self.group_sizes)
         # Each token's K/V under its own expert (pooled weights), repeated back to Hkv heads.
-        k = torch.ops.mixsga.grouped_kv_proj(x, self.k_proj.weight, self.k_proj.bias, expert_idx, groups, d)
-        v = torch.ops.mixsga.grouped_kv_proj(x, self.v_proj.weight, self.v_proj.bias, expert_idx, groups, d)
+        k, v = grouped_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)
         q = apply_rope(self.q_proj(x).view(B, L, Hq, d), positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         if cache is not None:

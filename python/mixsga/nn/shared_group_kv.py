@@ -61,11 +61,9 @@ class SharedGroupKV(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V), each [B, L, Hkv, d]: every token's expert-pooled K/V repeated back to Hkv heads, from
-        x [B, L, D] and expert_idx [B, L] integer."""
-        groups, d = list(self.group_sizes), self.head_dim
-        k = torch.ops.mixsga.grouped_kv_proj(x, self.k_proj.weight, self.k_proj.bias, expert_idx, groups, d)
-        v = torch.ops.mixsga.grouped_kv_proj(x, self.v_proj.weight, self.v_proj.bias, expert_idx, groups, d)
-        return k, v
+        x [B, L, D] and expert_idx [B, L] integer. Both are views of one [B, L, 2*Hkv, d] tensor (see
+        grouped_kv)."""
+        return grouped_kv(x, self.k_proj, self.v_proj, expert_idx, self.group_sizes, self.head_dim)
 
     def expert_weights(self, expert: int, key: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled (weight [(Hkv/g_e)*d, D], bias [(Hkv/g_e)*d] or None) of expert `expert` for K (key=True)
@@ -76,3 +74,29 @@ class SharedGroupKV(nn.Module):
         g = self.group_sizes[expert]
         bias = None if linear.bias is None else pool_kv_weight(linear.bias, g, self.head_dim)
         return pool_kv_weight(linear.weight, g, self.head_dim), bias
+
+
+def grouped_kv(
+    x: torch.Tensor,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
+    expert_idx: torch.Tensor,
+    group_sizes: Sequence[int],
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's K and V under its own expert, in one ``grouped_kv_proj`` over the stacked weight
+    [W_k; W_v] (2*Hkv heads): the tokens are sorted and gathered once and each expert's GEMM is twice as
+    wide, instead of two calls. Pooling groups never straddle the K/V boundary, since every group size
+    divides Hkv.
+
+    Args:
+        x: [B, L, D]. k_proj, v_proj: nn.Linear(D, Hkv*d), both with or both without bias.
+        expert_idx: [B, L] integer in [0, E). group_sizes: E group sizes. head_dim: d.
+    Returns:
+        (K, V), each [B, L, Hkv, d], views (narrow on the head axis) of one [B, L, 2*Hkv, d] tensor.
+    """
+    weight = torch.cat((k_proj.weight, v_proj.weight))
+    bias = None if k_proj.bias is None else torch.cat((k_proj.bias, v_proj.bias))
+    kv = torch.ops.mixsga.grouped_kv_proj(x, weight, bias, expert_idx, list(group_sizes), head_dim)
+    heads = k_proj.weight.shape[0] // head_dim
+    return kv.narrow(-2, 0, heads), kv.narrow(-2, heads, heads)

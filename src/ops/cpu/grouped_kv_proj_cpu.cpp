@@ -77,13 +77,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
   TORCH_CHECK_VALUE(grad_out.sizes().equals(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
                     fmt::format("grad_out: expected shape {}, got {}", detail::shape_str(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
                                 detail::shape_str(grad_out.sizes())));
-  auto grad_x = at::zeros({s.tokens, s.hidden}, x.options());
+  // Every token belongs to exactly one expert (expert_idx is checked to be in range), so every row of
+  // grad_x is written below: no need to zero it first.
+  auto grad_x = at::empty({s.tokens, s.hidden}, x.options());
   auto grad_w = at::zeros_like(weight, at::MemoryFormat::Contiguous);
   auto grad_b = at::zeros({weight.size(0)}, weight.options());
   if (s.tokens == 0) return {grad_x.view(x.sizes()), grad_w, grad_b};
 
   const auto x2 = x.reshape({s.tokens, s.hidden});
-  const auto g2 = grad_out.reshape({s.tokens, s.heads, s.head_dim});
+  const auto g2 = grad_out.reshape({s.tokens, s.heads * s.head_dim});
   const auto [perm, offsets] = ops::expert_permutation(expert_idx.reshape({s.tokens}), group_sizes.size());
   const auto off = offsets.accessor<int64_t, 1>();
   for (size_t e = 0; e < group_sizes.size(); ++e) {
@@ -93,18 +95,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
     const bool all_tokens = n_e == s.tokens;
     const auto rows = perm.narrow(0, off[e], n_e);
     const auto ge = all_tokens ? g2 : g2.index_select(0, rows);
-    const auto dy = ge.reshape({n_e, compact_heads, g, s.head_dim}).sum(2).reshape({n_e, compact_heads * s.head_dim});
+    // dy_e: the incoming gradient summed over the g heads of each group (nothing to sum when g == 1).
+    const auto dy = g == 1 ? ge : ge.view({n_e, compact_heads, g, s.head_dim}).sum(2).view({n_e, compact_heads * s.head_dim});
     const auto xe = all_tokens ? x2 : x2.index_select(0, rows);
-    const auto dx = at::mm(dy, ops::pool_kv_weight(weight, g, s.head_dim));
     if (all_tokens) {
-      grad_x.copy_(dx);
+      at::mm_out(grad_x, dy, ops::pool_kv_weight(weight, g, s.head_dim));
     } else {
-      grad_x.index_copy_(0, rows, dx);
+      grad_x.index_copy_(0, rows, at::mm(dy, ops::pool_kv_weight(weight, g, s.head_dim)));
     }
-    const auto dwp = at::mm(dy.t(), xe).view({compact_heads, 1, s.head_dim, s.hidden});
-    grad_w.view({compact_heads, g, s.head_dim, s.hidden}).add_(dwp, 1.0 / static_cast<double>(g));
-    const auto dbp = dy.sum(0).view({compact_heads, 1, s.head_dim});
-    grad_b.view({compact_heads, g, s.head_dim}).add_(dbp, 1.0 / static_cast<double>(g));
+    const auto dwp = at::mm(dy.t(), xe);
+    if (g == 1) {
+      grad_w.view({s.heads * s.head_dim, s.hidden}).add_(dwp);
+      grad_b.add_(dy.sum(0));
+    } else {
+      grad_w.view({compact_heads, g, s.head_dim, s.hidden}).add_(dwp.view({compact_heads, 1, s.head_dim, s.hidden}),
+                                                                  1.0 / static_cast<double>(g));
+      grad_b.view({compact_heads, g, s.head_dim})
+          .add_(dy.sum(0).view({compact_heads, 1, s.head_dim}), 1.0 / static_cast<double>(g));
+    }
   }
   return {grad_x.view(x.sizes()), grad_w, grad_b};
 }

@@ -45,7 +45,10 @@ std::tuple<torch::Tensor, torch::Tensor> SharedGroupKVImpl::forward(const torch:
   const auto bias = k_proj->bias.defined() ? std::optional(torch::cat({k_proj->bias, v_proj->bias}, 0)) : std::nullopt;
   const auto kv = ops::grouped_kv_proj(x, weight, bias, expert_idx, g, d);  // [..., 2*Hkv, d]
   const int64_t heads = options.num_kv_heads();
-  auto k = kv.narrow(-2, 0, heads), v = kv.narrow(-2, heads, heads);
+  // split (not two narrows): its backward is one cat of the two gradients instead of two zero-filled
+  // full-size buffers summed.
+  const auto parts = kv.split(heads, -2);
+  auto k = parts[0], v = parts[1];
   return {k, v};
 }
 

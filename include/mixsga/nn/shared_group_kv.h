@@ -38,7 +38,7 @@ class SharedGroupKVImpl : public torch::nn::Cloneable<SharedGroupKVImpl> {
   /// @param x          [B, L, D].
   /// @param expert_idx [B, L] integer expert per token.
   /// @return (K, V), each [B, L, Hkv, d]: the expert's compact heads repeated back to Hkv heads. Both
-  ///         are views (narrow on the head axis) of one [B, L, 2*Hkv, d] tensor, since K and V are
+  ///         are views (split on the head axis) of one [B, L, 2*Hkv, d] tensor, since K and V are
   ///         projected together; call .contiguous() if you need dense storage.
   std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& expert_idx);
 

@@ -93,10 +93,12 @@ def grouped_kv(
         x: [B, L, D]. k_proj, v_proj: nn.Linear(D, Hkv*d), both with or both without bias.
         expert_idx: [B, L] integer in [0, E). group_sizes: E group sizes. head_dim: d.
     Returns:
-        (K, V), each [B, L, Hkv, d], views (narrow on the head axis) of one [B, L, 2*Hkv, d] tensor.
+        (K, V), each [B, L, Hkv, d], views (split on the head axis) of one [B, L, 2*Hkv, d] tensor.
     """
     weight = torch.cat((k_proj.weight, v_proj.weight))
     bias = None if k_proj.bias is None else torch.cat((k_proj.bias, v_proj.bias))
     kv = torch.ops.mixsga.grouped_kv_proj(x, weight, bias, expert_idx, list(group_sizes), head_dim)
     heads = k_proj.weight.shape[0] // head_dim
-    return kv.narrow(-2, 0, heads), kv.narrow(-2, heads, heads)
+    # split (not two narrows): its backward is one cat of the two gradients, not two zero-filled buffers.
+    k, v = kv.split(heads, dim=-2)
+    return k, v

@@ -80,9 +80,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
   // Every token belongs to exactly one expert (expert_idx is checked to be in range), so every row of
   // grad_x is written below: no need to zero it first.
   auto grad_x = at::empty({s.tokens, s.hidden}, x.options());
-  auto grad_w = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-  auto grad_b = at::zeros({weight.size(0)}, weight.options());
-  if (s.tokens == 0) return {grad_x.view(x.sizes()), grad_w, grad_b};
+  // The group-size-1 expert (if it has tokens) writes grad_w / grad_b whole; otherwise start from zero.
+  // Skipping the zero fill matters: it is a weight-sized write per call.
+  auto grad_w = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  auto grad_b = at::empty({weight.size(0)}, weight.options());
+  bool grads_written = false;
+  if (s.tokens == 0) return {grad_x.view(x.sizes()), grad_w.zero_(), grad_b.zero_()};
 
   const auto x2 = x.reshape({s.tokens, s.hidden});
   const auto g2 = grad_out.reshape({s.tokens, s.heads * s.head_dim});
@@ -96,16 +99,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
     const auto rows = perm.narrow(0, off[e], n_e);
     const auto ge = all_tokens ? g2 : g2.index_select(0, rows);
     // dy_e: the incoming gradient summed over the g heads of each group (nothing to sum when g == 1).
-    const auto dy = g == 1 ? ge : ge.view({n_e, compact_heads, g, s.head_dim}).sum(2).view({n_e, compact_heads * s.head_dim});
+    const auto dy = g == 1 ? ge : ge.reshape({n_e, compact_heads, g, s.head_dim}).sum(2).view({n_e, compact_heads * s.head_dim});
     const auto xe = all_tokens ? x2 : x2.index_select(0, rows);
     if (all_tokens) {
       at::mm_out(grad_x, dy, ops::pool_kv_weight(weight, g, s.head_dim));
     } else {
       grad_x.index_copy_(0, rows, at::mm(dy, ops::pool_kv_weight(weight, g, s.head_dim)));
     }
+    if (g == 1 && !grads_written) {
+      at::mm_out(grad_w, dy.t(), xe);
+      at::sum_out(grad_b, dy, 0);
+      grads_written = true;
+      continue;
+    }
+    if (!grads_written) {
+      grad_w.zero_();
+      grad_b.zero_();
+      grads_written = true;
+    }
     const auto dwp = at::mm(dy.t(), xe);
     if (g == 1) {
-      grad_w.view({s.heads * s.head_dim, s.hidden}).add_(dwp);
+      grad_w.add_(dwp);
       grad_b.add_(dy.sum(0));
     } else {
       grad_w.view({compact_heads, g, s.head_dim, s.hidden}).add_(dwp.view({compact_heads, 1, s.head_dim, s.hidden}),
@@ -113,6 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
       grad_b.view({compact_heads, g, s.head_dim})
           .add_(dy.sum(0).view({compact_heads, 1, s.head_dim}), 1.0 / static_cast<double>(g));
     }
+  }
+  if (!grads_written) {  // unreachable with s.tokens > 0 (some expert has tokens); kept for safety
+    grad_w.zero_();
+    grad_b.zero_();
   }
   return {grad_x.view(x.sizes()), grad_w, grad_b};
 }

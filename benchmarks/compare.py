@@ -113,6 +113,90 @@ class StaticGQA(torch.nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.heads * self.d))
 
 
+class NaiveDecode:
+    """One decode step of the naive implementation: argmax routing, the full K/V projection of the new
+    token, every expert's pooled K/V via reshape/mean/repeat_interleave, pick, RoPE, and an expanded
+    (full-size, Hkv heads per token) preallocated K/V cache, attended with SDPA."""
+
+    def __init__(self, layer: torch.nn.Module, batch: int, context: int):
+        self.layer, self.t = layer, context
+        Hkv, d = layer.num_kv_heads, layer.head_dim
+        dtype = layer.q_proj.weight.dtype
+        self.k = torch.randn(batch, Hkv, context + 1, d, dtype=dtype)
+        self.v = torch.randn(batch, Hkv, context + 1, d, dtype=dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 1, D]
+        lay, B, t = self.layer, x.shape[0], self.t
+        Hq, Hkv, d = lay.num_heads, lay.num_kv_heads, lay.head_dim
+        idx = torch.sigmoid(lay.router.proj(x)).argmax(-1)  # [B, 1]
+        k_full, v_full = lay.k_proj(x).view(B, 1, Hkv, d), lay.v_proj(x).view(B, 1, Hkv, d)
+        k_all = [k_full.view(B, 1, Hkv // g, g, d).mean(3).repeat_interleave(g, 2) for g in GROUPS]
+        v_all = [v_full.view(B, 1, Hkv // g, g, d).mean(3).repeat_interleave(g, 2) for g in GROUPS]
+        pick = idx[:, :, None, None, None].expand(B, 1, 1, Hkv, d)
+        k = torch.stack(k_all, 2).gather(2, pick).squeeze(2)
+        v = torch.stack(v_all, 2).gather(2, pick).squeeze(2)
+        pos = torch.tensor([t])
+        self.k[:, :, t] = rope(k, pos)[:, 0]
+        self.v[:, :, t] = v[:, 0]
+        q = rope(lay.q_proj(x).view(B, 1, Hq, d), pos).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, self.k, self.v, enable_gqa=True)
+        return lay.o_proj(out.transpose(1, 2).reshape(B, 1, Hq * d))
+
+
+class StaticDecode:
+    """One decode step of a static GQA layer (StaticGQA's weights) over a preallocated K/V cache."""
+
+    def __init__(self, gqa: "StaticGQA", batch: int, context: int):
+        self.gqa, self.t = gqa, context
+        dtype = gqa.q_proj.weight.dtype
+        self.k = torch.randn(batch, gqa.kv_heads, context + 1, gqa.d, dtype=dtype)
+        self.v = torch.randn(batch, gqa.kv_heads, context + 1, gqa.d, dtype=dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m, B, t = self.gqa, x.shape[0], self.t
+        pos = torch.tensor([t])
+        self.k[:, :, t] = rope(m.k_proj(x).view(B, 1, m.kv_heads, m.d), pos)[:, 0]
+        self.v[:, :, t] = m.v_proj(x).view(B, 1, m.kv_heads, m.d)[:, 0]
+        q = rope(m.q_proj(x).view(B, 1, m.heads, m.d), pos).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, self.k, self.v, enable_gqa=True)
+        return m.o_proj(out.transpose(1, 2).reshape(B, 1, m.heads * m.d))
+
+
+def decode_rows(shapes, dtypes, min_time: float) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    """One decode step of each arm after a prompt of `context` tokens: (name, times, cache bytes/token)."""
+    rows = []
+    for hidden, heads, kv_heads, context, batch in shapes:
+        for dtype in dtypes:
+            torch.manual_seed(0)
+            layer = mixsga.nn.MixSGAAttention(hidden, heads, kv_heads, group_sizes=GROUPS, ratios=RATIOS).to(dtype)
+            layer.eval()
+            cache = mixsga._C.HeteroKVCache(layer.cache_options(1))
+            with torch.no_grad():
+                layer(torch.randn(batch, context, hidden, dtype=dtype), cache=cache, layer_idx=0)  # prefill
+            x = torch.randn(batch, 1, hidden, dtype=dtype)
+
+            def mixsga_step():
+                layer(x, cache=cache, layer_idx=0)
+                cache.crop(context)  # back to the prompt, so every timed step sees the same context
+
+            gqa50, base = StaticGQA(layer, 2), StaticGQA(layer, 1)
+            arms = {"mixsga": mixsga_step, "naive": NaiveDecode(layer, batch, context),
+                    "gqa50": StaticDecode(gqa50, batch, context), "base": StaticDecode(base, batch, context)}
+            elem = torch.empty((), dtype=dtype).element_size()
+            per_token = {"mixsga": cache.bytes_per_token(), "naive": 2 * kv_heads * layer.head_dim * elem,
+                         "gqa50": kv_heads * layer.head_dim * elem, "base": 2 * kv_heads * layer.head_dim * elem}
+            times = {}
+            with torch.no_grad():
+                for arm, fn in arms.items():
+                    run = fn if arm == "mixsga" else (lambda fn=fn: fn(x))
+                    times[arm] = time_it(run, "decode", arm, min_time).median
+            name = f"D={hidden} H={heads} Hkv={kv_heads} T={context} B={batch} {str(dtype).removeprefix('torch.')}"
+            print(f"{name:45s} decode step       " + "  ".join(f"{a}={t * 1e3:8.3f} ms" for a, t in times.items()),
+                  flush=True)
+            rows.append((name, times, per_token))
+    return rows
+
+
 def time_it(fn, label: str, sub_label: str, min_run_time: float) -> benchmark.Measurement:
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, label=label, sub_label=sub_label,
                             num_threads=torch.get_num_threads())
@@ -127,7 +211,11 @@ def main() -> None:
 
     # (hidden, heads, kv_heads, seq, batch)
     shapes = [(256, 4, 4, 128, 1)] if args.quick else [(512, 8, 4, 1024, 4), (1024, 16, 8, 512, 1),
-                                                       (1024, 16, 8, 2048, 1), (2048, 32, 8, 1024, 1)]
+                                                       (1024, 16, 8, 2048, 1), (2048, 32, 8, 1024, 1),
+                                                       (1024, 16, 4, 256, 8), (512, 8, 4, 4096, 1)]
+    # (hidden, heads, kv_heads, context, batch) of the decode comparison
+    decode_shapes = [(256, 4, 4, 256, 2)] if args.quick else [(1024, 16, 8, 2048, 1), (1024, 16, 8, 2048, 8),
+                                                              (1024, 16, 8, 8192, 1), (2048, 32, 8, 8192, 4)]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     min_time = 0.05 if args.quick else 1.0
     rows = []
@@ -164,6 +252,20 @@ def main() -> None:
         lines.append(f"| {name} | {mode} | {t['mixsga'] * 1e3:.2f} | {t['naive'] * 1e3:.2f} | {t['gqa50'] * 1e3:.2f} | "
                      f"{t['base'] * 1e3:.2f} | {t['mixsga'] / t['naive']:.2f} | {t['mixsga'] / t['gqa50']:.2f} | "
                      f"{t['mixsga'] / t['base']:.2f} |")
+    decode = decode_rows(decode_shapes, dtypes, min_time)
+    lines += [
+        "",
+        "Decode step (one token through the layer after a prompt of T tokens; bytes/token = K/V cache per token):",
+        "",
+        "| shape | mixsga ms | naive ms | gqa50 ms | base ms | mixsga/naive | mixsga/gqa50 | mixsga/base "
+        "| bytes/token mixsga | naive | gqa50 | base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t, b in decode:
+        lines.append(f"| {name} | {t['mixsga'] * 1e3:.3f} | {t['naive'] * 1e3:.3f} | {t['gqa50'] * 1e3:.3f} | "
+                     f"{t['base'] * 1e3:.3f} | {t['mixsga'] / t['naive']:.2f} | {t['mixsga'] / t['gqa50']:.2f} | "
+                     f"{t['mixsga'] / t['base']:.2f} | {b['mixsga']:.0f} | {b['naive']:.0f} | {b['gqa50']:.0f} | "
+                     f"{b['base']:.0f} |")
     header = (f"Measured {datetime.date.today()} on {platform.machine()} with {os.cpu_count()} cores, "
               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
               f"command `python benchmarks/compare.py{' --quick' if args.quick else ''}`.\n\n")

@@ -20,7 +20,7 @@ from .._checks import (
     shape_str,
 )
 from .._kv_fraction import kv_fraction
-from .functional import apply_rope, default_positions, padding_attention_mask
+from .functional import apply_rope, apply_rope_cos_sin, default_positions, padding_attention_mask
 from .router import ExpertChoiceRouter
 from .shared_group_kv import grouped_kv
 
@@ -153,6 +153,7 @@ class MixSGAAttention(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache=None,
         layer_idx: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal self-attention with routed KV experts.
 
@@ -171,12 +172,15 @@ class MixSGAAttention(nn.Module):
                 ``torch.ops.mixsga.hetero_decode_attention`` over the compact pools, a longer chunk
                 through the cached K/V expanded on the fly. Same behaviour as the C++ module.
             layer_idx: this layer's index in the cache.
+            rope: optional (cos, sin), each [B, L, d] or [1, L, d]: rotate q and k with these angles
+                instead of the layer's own plain RoPE (rope_theta), for models with another RoPE
+                variant. position_ids / the defaults still give the positions stored in the cache.
         Returns:
             (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux; 0 for calls on a non-empty cache).
             Add the aux loss (averaged over layers) to the model loss: it is the only thing that trains
             the router.
         """
-        result = self.forward_with_routing(hidden_states, attention_mask, position_ids, cache, layer_idx)
+        result = self.forward_with_routing(hidden_states, attention_mask, position_ids, cache, layer_idx, rope)
         return result.output, result.aux_loss
 
     def forward_with_routing(
@@ -186,6 +190,7 @@ class MixSGAAttention(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache=None,
         layer_idx: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> MixSGAOutput:
         """forward() plus the routing decisions: MixSGAOutput(output [B, L, D], aux_loss, expert_idx [B, L],
         target_idx [B, L]). Same arguments as forward()."""
@@ -205,11 +210,11 @@ class MixSGAAttention(nn.Module):
         if not cache_was_empty:
             # Decode / continuation: causal argmax routing (expert choice over a few new tokens means nothing).
             idx = self.router.argmax_route(scores)
-            return MixSGAOutput(self._attend(x, idx, valid, positions, cache, layer_idx, False), zero, idx, idx)
+            return MixSGAOutput(self._attend(x, idx, valid, positions, cache, layer_idx, False, rope), zero, idx, idx)
         target = self.router.route(scores, valid)
         expert_idx = self.router.argmax_route(scores) if self.prefill_routing == "argmax" else target
         aux = zero if self.aux_alpha == 0.0 else self.router.aux_loss(logits, target, valid) * self.aux_alpha
-        out = self._attend(x, expert_idx, valid, positions, cache, layer_idx, True)
+        out = self._attend(x, expert_idx, valid, positions, cache, layer_idx, True, rope)
         return MixSGAOutput(out, aux, expert_idx, target)
 
     def cache_options(self, num_layers: int = 1):
@@ -348,14 +353,18 @@ class MixSGAAttention(nn.Module):
         cache=None,
         layer_idx: int = 0,
         cache_was_empty: bool = True,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, L = x.shape[0], x.shape[1]
         Hq, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         groups = list(self.group_sizes)
         # Each token's K/V under its own expert (pooled weights), repeated back to Hkv heads.
         k, v = grouped_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)
-        q = apply_rope(self.q_proj(x).view(B, L, Hq, d), positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
+        q = self.q_proj(x).view(B, L, Hq, d)
+        if rope is None:
+            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+        else:
+            q, k = apply_rope_cos_sin(q, *rope), apply_rope_cos_sin(k, *rope)
         if cache is not None:
             cache.append(layer_idx, k.detach(), v.detach(), expert_idx, valid, not cache_was_empty)
             if not cache_was_empty:

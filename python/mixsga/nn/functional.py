@@ -40,6 +40,29 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def apply_rope_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding from precomputed angles, same rotate_half convention as apply_rope: for
+    models whose RoPE variant (scaled, YaRN, ...) computes its own cos/sin (Hugging Face passes them to
+    every attention layer as ``position_embeddings``).
+
+    Args:
+        x: [B, L, H, d].
+        cos, sin: [B, L, d] or [1, L, d] (the same for every head), cast to x's dtype.
+    Returns:
+        [B, L, H, d] in x's dtype.
+    """
+    check_floating(x, "x")
+    if x.dim() != 4 or x.shape[-1] % 2 != 0:
+        raise ValueError(f"x: expected shape [B, L, H, d] with even d, got {shape_str(x.shape)}")
+    B, L, _, d = x.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[1] != L or t.shape[2] != d or t.shape[0] not in (B, 1):
+            raise ValueError(f"{name}: expected shape [{B}, {L}, {d}] or [1, {L}, {d}], got {shape_str(t.shape)}")
+    cos, sin = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
 def default_positions(valid: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
     """Positions used when none are given: arange(L) ([L]), or, with a [B, L] bool padding mask,
     cumsum(mask) - 1 clamped at 0 ([B, L]) so left-padded sequences start at position 0."""

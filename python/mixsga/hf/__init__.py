@@ -1,0 +1,32 @@
+"""Hugging Face transformers integration: mixSGA for Llama-family causal LMs (Llama, Mistral, Qwen2).
+
+- ``convert(model, group_sizes=..., ratios=..., **options)``: mixSGA attention in every layer, keeping the
+  model's weights; ``to_gqa(model, kv_heads=...)``: the mean-pooled static GQA baseline.
+- ``MixSGACache``: the compact heterogeneous KV cache as a transformers ``Cache`` (``generate`` uses it).
+- ``aux_loss(model)``, ``mixsga_layers(model)``, ``kv_fraction(model)``: for training loops.
+- ``from_pretrained(path)``: reloads a converted model saved with ``save_pretrained``.
+
+Needs ``transformers`` (imported by this subpackage only).
+"""
+
+from .attention import PADDING_MASK_KWARG, HFMixSGAAttention
+from .cache import MixSGACache
+from .config import MixSGASettings
+from .convert import SUPPORTED_MODEL_TYPES, convert, is_converted, to_gqa
+from .layers import aux_loss, kv_fraction, mixsga_layers
+from .pretrained import from_pretrained
+
+__all__ = [
+    "PADDING_MASK_KWARG",
+    "SUPPORTED_MODEL_TYPES",
+    "HFMixSGAAttention",
+    "MixSGACache",
+    "MixSGASettings",
+    "aux_loss",
+    "convert",
+    "from_pretrained",
+    "is_converted",
+    "kv_fraction",
+    "mixsga_layers",
+    "to_gqa",
+]

@@ -1,0 +1,76 @@
+"""MixSGA attention behind the call signature of a Hugging Face Llama-family attention layer."""
+
+from __future__ import annotations
+
+import torch
+
+from ..nn.attention import MixSGAAttention
+from .cache import MixSGACache
+
+#: Keyword under which the model-level forward pre-hook (installed by ``convert``) hands every attention
+#: layer the model's [B, T] 0/1 padding mask. Transformers itself only passes a processed 4D mask (or
+#: None), from which padding cannot be read back reliably; a keyword argument, unlike state on the
+#: module, survives gradient checkpointing's recomputation.
+PADDING_MASK_KWARG = "mixsga_padding_mask"
+
+
+class HFMixSGAAttention(MixSGAAttention):
+    """``mixsga.nn.MixSGAAttention`` called the way transformers decoder layers call their attention:
+    ``forward(hidden_states, position_embeddings=(cos, sin), attention_mask=..., past_key_values=...,
+    position_ids=..., **kwargs) -> (output [B, L, D], None)``.
+
+    - RoPE uses the (cos, sin) the model computed, so every RoPE variant of the model (scaled, YaRN, ...)
+      works; the layer's own ``rope_theta`` is used only when they are absent.
+    - Routing sees the padding mask the model-level hook passes (``PADDING_MASK_KWARG``); a [B, L] 2D
+      ``attention_mask`` is used when there is none. Padded tokens take no expert capacity and are
+      neither attended to nor cached.
+    - ``past_key_values`` must be a ``MixSGACache`` (or None): tokens are stored at their compact size.
+    - The aux loss of the latest call is kept in ``last_aux_loss`` (0-dim; 0 after a decode step) for
+      ``mixsga.hf.aux_loss(model)``; nothing else is kept between calls.
+
+    Constructor: ``layer_idx`` (the layer's index in the cache) plus MixSGAAttention's arguments.
+    """
+
+    def __init__(self, *args, layer_idx: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer_idx = layer_idx
+        self.is_causal = True  # read by some transformers utilities
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        B, L = hidden_states.shape[0], hidden_states.shape[1]
+        padding = kwargs.get(PADDING_MASK_KWARG)
+        if padding is None and attention_mask is not None and attention_mask.dim() == 2:
+            padding = attention_mask
+        mask = None
+        if padding is not None:
+            if padding.dim() != 2 or padding.shape[0] != B or padding.shape[1] < L:
+                raise ValueError(
+                    f"attention_mask: expected a [B, T] 0/1 padding mask with B = {B} and T >= {L} (the new "
+                    f"tokens are its last columns), got shape {list(padding.shape)}"
+                )
+            mask = padding[:, padding.shape[1] - L :]
+        cache = None
+        if past_key_values is not None:
+            if not isinstance(past_key_values, MixSGACache):
+                raise TypeError(
+                    f"past_key_values: a mixSGA model stores its KV cache in mixsga.hf.MixSGACache, got "
+                    f"{type(past_key_values).__name__}"
+                )
+            cache = past_key_values.hetero_for(self)
+        positions = position_ids
+        if positions is not None and positions.dim() == 2 and positions.shape[0] != B:
+            positions = positions.expand(B, -1)
+        result = self.forward_with_routing(hidden_states, mask, positions, cache, self.layer_idx, position_embeddings)
+        if past_key_values is not None:
+            past_key_values.advance(self.layer_idx, L)
+        self.last_aux_loss = result.aux_loss
+        return result.output, None

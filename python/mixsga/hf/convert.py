@@ -1,0 +1,208 @@
+"""Turning a Hugging Face Llama-family causal LM into mixSGA (``convert``) or into the mean-pooled static
+GQA baseline of the paper (``to_gqa``), in place, keeping the model's own weights."""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..nn.router import ExpertChoiceRouter
+from ..nn.shared_group_kv import pool_kv_weight
+from .attention import PADDING_MASK_KWARG, HFMixSGAAttention
+from .cache import MixSGACache
+from .config import CONFIG_KEY, MixSGASettings
+
+#: model_type of the supported families: their decoder layers call ``self_attn`` with
+#: (hidden_states, position_embeddings, attention_mask, past_key_values, position_ids) and their
+#: attention has q_proj/k_proj/v_proj/o_proj with RoPE applied to q and k only.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def convert(
+    model: nn.Module,
+    group_sizes: Sequence[int] = (1, 2, 4),
+    ratios: Sequence[float] = (0.3, 0.1, 0.6),
+    **options,
+) -> nn.Module:
+    """Replaces the attention of every layer of a transformers Llama-family causal LM (LlamaForCausalLM,
+    MistralForCausalLM, Qwen2ForCausalLM) with mixSGA attention, in place, and returns the model.
+
+    Expert 1 (group size 1) is the original layer: q/k/v/o keep the model's own weights (the same
+    Parameters), every expert shares k/v pooled over its groups; only the router (``D*E + E``
+    parameters per layer, Kaiming init) is new. With ``ratios = (1, 0, ..., 0)`` the model computes the
+    original logits.
+
+    Args:
+        model: a ``*ForCausalLM`` (or its base model) of a supported family.
+        group_sizes: KV group size per expert, finest first, strictly increasing, each dividing the
+            model's ``num_key_value_heads``. Default (1, 2, 4).
+        ratios: capacity ratio per expert, summing to 1. Default (0.3, 0.1, 0.6).
+        **options: ``aux_loss`` ("sigmoid_ce"), ``aux_alpha`` (0.1), ``prefill_routing``
+            ("expert_choice" or "argmax"), ``detach_router_input`` (False); see MixSGAAttention.
+
+    After conversion:
+        - ``model.config.mixsga`` holds the settings, so ``save_pretrained`` stores them and
+          ``mixsga.hf.from_pretrained(path)`` rebuilds the model with its router weights.
+        - ``model(...)`` returns the usual outputs (the LM loss from ``labels``); add
+          ``mixsga.hf.aux_loss(model)`` to it when training, it is what trains the routers.
+        - ``model.generate(...)`` stores the compact ``MixSGACache``.
+        - Padding is read from the 2D ``attention_mask`` given to the model: padded tokens take no
+          capacity and are never cached.
+        - Sliding-window attention (Mistral, Qwen2 configs) is not supported: layers attend causally to
+          the whole context (a warning says so when the config sets a window).
+
+    Raises:
+        TypeError: ``model`` is not a supported transformers model, or is already converted.
+        ValueError: bad group sizes / ratios / options, naming the argument and the value seen.
+    """
+    settings = MixSGASettings.create(group_sizes, ratios, **options)
+    base, config = _base_model(model, "convert")
+    num_kv = config.num_key_value_heads
+    for g in settings.group_sizes:
+        if num_kv % g != 0:
+            raise ValueError(f"group_sizes: {g} does not divide the model's num_key_value_heads ({num_kv})")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        warnings.warn(
+            f"convert: the model's config sets sliding_window={config.sliding_window}; mixSGA layers attend to "
+            "the whole causal context, so outputs differ from the original beyond that many tokens",
+            stacklevel=2,
+        )
+    for idx, layer in enumerate(base.layers):
+        layer.self_attn = _mixsga_attention(layer.self_attn, idx, config, settings)
+    for cfg in {id(c): c for c in (model.config, base.config)}.values():
+        setattr(cfg, CONFIG_KEY, settings.to_dict())
+    _install_hooks(model, base)
+    return model
+
+
+def to_gqa(model: nn.Module, kv_heads: int) -> nn.Module:
+    """The paper's static GQA baseline: mean-pools groups of consecutive KV heads of every layer's k/v
+    projections (weights and biases) into ``kv_heads`` heads, in place, and updates
+    ``config.num_key_value_heads``. The result is a plain transformers model (it saves and loads as
+    one) whose KV cache is ``kv_heads / num_key_value_heads`` of the original; it equals a mixSGA
+    conversion with group sizes (1, g) and ratios (0, 1), g = num_key_value_heads / kv_heads.
+
+    Raises:
+        TypeError: ``model`` is not a supported (unconverted) transformers model.
+        ValueError: ``kv_heads`` does not divide the model's num_key_value_heads.
+    """
+    base, config = _base_model(model, "to_gqa")
+    num_kv = config.num_key_value_heads
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or num_kv % kv_heads != 0:
+        raise ValueError(f"kv_heads: must be >= 1 and divide the model's num_key_value_heads ({num_kv}), got {kv_heads!r}")
+    group = num_kv // kv_heads
+    for layer in base.layers:
+        attn = layer.self_attn
+        head_dim = attn.k_proj.weight.shape[0] // num_kv
+        for name in ("k_proj", "v_proj"):
+            old = getattr(attn, name)
+            new = nn.Linear(old.in_features, kv_heads * head_dim, bias=old.bias is not None,
+                            device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(pool_kv_weight(old.weight, group, head_dim))
+                if old.bias is not None:
+                    new.bias.copy_(pool_kv_weight(old.bias, group, head_dim))
+            setattr(attn, name, new)
+        attn.num_key_value_groups = config.num_attention_heads // kv_heads
+    for cfg in {id(c): c for c in (model.config, base.config)}.values():
+        cfg.num_key_value_heads = kv_heads
+    return model
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` holds mixSGA attention layers made by ``convert``."""
+    return any(isinstance(m, HFMixSGAAttention) for m in model.modules())
+
+
+def _base_model(model: nn.Module, caller: str):
+    """(the decoder stack holding ``.layers``, its config), after checking the model family."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TypeError(
+            f"model: {caller} supports transformers models of type {', '.join(SUPPORTED_MODEL_TYPES)}, got "
+            f"{type(model).__name__} (model_type {model_type!r})"
+        )
+    base = model if hasattr(model, "layers") else getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):
+        raise TypeError(f"model: {type(model).__name__} has no decoder layers where a {model_type} model keeps them")
+    if is_converted(base):
+        raise TypeError(f"model: {type(model).__name__} is already converted to mixSGA")
+    for layer in base.layers:
+        if not all(hasattr(getattr(layer, "self_attn", None), n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise TypeError(f"model: a layer of {type(model).__name__} has no Llama-style self_attn with q/k/v/o_proj")
+    return base, base.config
+
+
+def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings) -> HFMixSGAAttention:
+    weight = old.q_proj.weight
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    # Built on the meta device, then given the original projections: no copy of the model's weights.
+    with torch.device("meta"):
+        attn = HFMixSGAAttention(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            head_dim=head_dim,
+            group_sizes=settings.group_sizes,
+            ratios=settings.ratios,
+            bias=old.k_proj.bias is not None,
+            rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+            aux_loss=settings.aux_loss,
+            aux_alpha=settings.aux_alpha,
+            prefill_routing=settings.prefill_routing,
+            detach_router_input=settings.detach_router_input,
+            attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+            layer_idx=idx,
+        )
+    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = old.q_proj, old.k_proj, old.v_proj, old.o_proj
+    attn.router = ExpertChoiceRouter(config.hidden_size, settings.ratios, settings.aux_loss).to(
+        device=weight.device, dtype=weight.dtype
+    )
+    attn.config = config  # some transformers utilities read the attention's config
+    attn.train(old.training)
+    return attn
+
+
+def _install_hooks(model: nn.Module, base: nn.Module) -> None:
+    """Hands the 2D padding mask to the attention layers, makes the default cache a MixSGACache, and makes
+    ``generate`` create one."""
+    num_layers = len(base.layers)
+
+    def pre_hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask: a mixSGA model needs the [B, T] 0/1 padding mask (routing must know the "
+                f"padding), got shape {list(mask.shape)}"
+            )
+        kwargs[PADDING_MASK_KWARG] = mask
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", False)
+        past = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
+        if use_cache and past is None and len(args) <= 3:
+            # Transformers would create a DynamicCache (full K/V per token), which mixSGA layers cannot use.
+            kwargs["past_key_values"] = MixSGACache(num_layers=num_layers)
+        return args, kwargs
+
+    base._mixsga_hook = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    generation_owner = model if hasattr(model, "_prepare_cache_for_generation") else None
+    if generation_owner is not None:
+        original = type(generation_owner)._prepare_cache_for_generation
+
+        def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
+            result = original(self, generation_config, model_kwargs, *args, **kwargs)
+            cache = model_kwargs.get("past_key_values")
+            if cache is not None and not isinstance(cache, MixSGACache) and not getattr(cache, "_is_user_defined", False):
+                model_kwargs["past_key_values"] = MixSGACache(num_layers=num_layers)
+            return result
+
+        # Per instance: only converted models change, the transformers class stays as it is.
+        generation_owner._prepare_cache_for_generation = types.MethodType(prepare_cache, generation_owner)

@@ -1,0 +1,36 @@
+"""What a training loop reads from a converted model: its mixSGA layers, their aux loss, its KV budget."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import HFMixSGAAttention
+
+
+def mixsga_layers(model: nn.Module) -> list[HFMixSGAAttention]:
+    """The mixSGA attention modules of ``model`` (a converted model, or a wrapper such as DDP around one),
+    in layer order; empty for a model that was not converted."""
+    return [m for m in model.modules() if isinstance(m, HFMixSGAAttention)]
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """The model's prefill/decode consistency loss of its most recent forward: the mean over its mixSGA
+    layers of each layer's ``aux_alpha * L_aux`` (so the paper's ``alpha / N_layers * sum_l L_aux``).
+
+    Add it to the LM loss when training; it is the only loss that trains the routers. 0-dim tensor
+    (float32, float64 for a float64 model) with the forward's autograd graph; 0.0 when the model has no
+    mixSGA layers, has not run yet, or its last forward was a decode step (a call on a non-empty cache).
+    """
+    losses = [m.last_aux_loss for m in mixsga_layers(model) if m.last_aux_loss is not None]
+    if not losses:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return torch.zeros((), device=device)
+    return torch.stack(losses).mean()
+
+
+def kv_fraction(model: nn.Module) -> float:
+    """KV-cache budget of the model relative to its unconverted self: the mean over its mixSGA layers of
+    ``sum_e ratios[e] / group_sizes[e]``; 1.0 for a model without mixSGA layers."""
+    layers = mixsga_layers(model)
+    return 1.0 if not layers else sum(m.kv_fraction() for m in layers) / len(layers)

@@ -1,5 +1,6 @@
 // grouped_kv_pool, grouped_kv_proj, expert_permutation / scatter / gather: references, identities,
 // gradients (finite differences, float64), dtypes, non-contiguous and empty inputs.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <mixsga/mixsga.h>
 #include <torch/torch.h>
@@ -39,24 +40,32 @@ TEST(GroupedKVPool, GradientIsTheSameOpAndMatchesFiniteDifferences) {
 
 TEST(GroupedKVProj, EqualsProjectThenPoolWithBias) {
   // Identity: pooling the weights then projecting == projecting then pooling (biases included).
+  // 3 x 7 tokens put a handful per expert (the CPU kernel's few-token path, which projects first);
+  // 4 x 60 put ~80 per expert (the path that pools the weight first).
   torch::manual_seed(2);
   const int64_t Hkv = 4, d = 6, D = 10;
-  const auto x = torch::randn({3, 7, D}, torch::kDouble);
-  const auto w = torch::randn({Hkv * d, D}, torch::kDouble);
-  const auto b = torch::randn({Hkv * d}, torch::kDouble);
-  const auto idx = random_experts({3, 7}, 3);
-  const auto fused = ops::grouped_kv_proj(x, w, b, idx, kGroups, d);
-  const auto pooled_after = ops::grouped_kv_pool(torch::nn::functional::linear(x, w, b).view({3, 7, Hkv, d}), idx, kGroups);
-  const auto reference = reference_pool(torch::nn::functional::linear(x, w, b).view({21, Hkv, d}), idx.view({21}), kGroups);
-  EXPECT_TRUE(torch::allclose(fused, pooled_after, 1e-10, 1e-12));
-  EXPECT_TRUE(torch::allclose(fused.view({21, Hkv, d}), reference, 1e-10, 1e-12));
-  // Without bias too.
-  EXPECT_TRUE(torch::allclose(ops::grouped_kv_proj(x, w, std::nullopt, idx, kGroups, d),
-                              ops::grouped_kv_pool(torch::matmul(x, w.t()).view({3, 7, Hkv, d}), idx, kGroups), 1e-10,
-                              1e-12));
-  // The pooled weight of an expert is the group mean of the weight rows.
-  for (int64_t e = 0; e < 3; ++e) {
-    EXPECT_TRUE(torch::allclose(ops::pool_kv_weight(w, kGroups[e], d), reference_pool_weight(w, kGroups[e], d)));
+  for (const auto [B, L] : {std::pair<int64_t, int64_t>{3, 7}, {4, 60}}) {
+    SCOPED_TRACE(fmt::format("B={} L={}", B, L));
+    const int64_t n = B * L;
+    const auto x = torch::randn({B, L, D}, torch::kDouble);
+    const auto w = torch::randn({Hkv * d, D}, torch::kDouble);
+    const auto b = torch::randn({Hkv * d}, torch::kDouble);
+    const auto idx = random_experts({B, L}, 3);
+    const auto fused = ops::grouped_kv_proj(x, w, b, idx, kGroups, d);
+    const auto pooled_after =
+        ops::grouped_kv_pool(torch::nn::functional::linear(x, w, b).view({B, L, Hkv, d}), idx, kGroups);
+    const auto reference =
+        reference_pool(torch::nn::functional::linear(x, w, b).view({n, Hkv, d}), idx.view({n}), kGroups);
+    EXPECT_TRUE(torch::allclose(fused, pooled_after, 1e-10, 1e-12));
+    EXPECT_TRUE(torch::allclose(fused.view({n, Hkv, d}), reference, 1e-10, 1e-12));
+    // Without bias too.
+    EXPECT_TRUE(torch::allclose(ops::grouped_kv_proj(x, w, std::nullopt, idx, kGroups, d),
+                                ops::grouped_kv_pool(torch::matmul(x, w.t()).view({B, L, Hkv, d}), idx, kGroups),
+                                1e-10, 1e-12));
+    // The pooled weight of an expert is the group mean of the weight rows.
+    for (int64_t e = 0; e < 3; ++e) {
+      EXPECT_TRUE(torch::allclose(ops::pool_kv_weight(w, kGroups[e], d), reference_pool_weight(w, kGroups[e], d)));
+    }
   }
 }
 

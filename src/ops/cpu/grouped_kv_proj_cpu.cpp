@@ -22,6 +22,10 @@ namespace {
 using detail::ProjShapes;
 using detail::check_grouped_kv_proj_args;
 
+// Up to this many tokens per expert, the forward projects with the full weight and pools the outputs
+// instead of pooling the weight (see grouped_kv_proj_cpu).
+constexpr int64_t kProjectThenPoolMaxTokens = 16;
+
 // out[row_i, c * g + r, :] = compact[i, c, :] for every r < g: one pass over the output, parallel
 // over tokens (instead of materialising the repeat and then index-copying it).
 void scatter_repeated(const at::Tensor& compact, const at::Tensor& rows, bool identity_rows, int64_t g, int64_t d,
@@ -60,8 +64,17 @@ at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, co
     const bool all_tokens = n_e == s.tokens;  // one expert owns everything: no gather/scatter needed
     const auto rows = perm.narrow(0, off[e], n_e);
     const auto xe = all_tokens ? x2 : x2.index_select(0, rows);
-    const auto we = ops::pool_kv_weight(weight, g, s.head_dim);
-    const auto ye = has_bias ? at::addmm(ops::pool_kv_weight(*bias, g, s.head_dim), xe, we.t()) : at::mm(xe, we.t());
+    at::Tensor ye;  // [n_e, (Hkv/g)*d], the expert's compact K/V
+    if (g > 1 && n_e <= kProjectThenPoolMaxTokens) {
+      // Few tokens (decode): the GEMM is a memory-bound pass over the weight either way, so projecting
+      // with the full weight and pooling the few outputs is cheaper than pooling the whole weight first.
+      // Same result (pooling is linear; METHOD.md step 5) up to rounding.
+      const auto full = has_bias ? at::addmm(*bias, xe, weight.t()) : at::mm(xe, weight.t());
+      ye = full.view({n_e, s.heads / g, g, s.head_dim}).mean(2).view({n_e, s.heads / g * s.head_dim});
+    } else {
+      const auto we = ops::pool_kv_weight(weight, g, s.head_dim);
+      ye = has_bias ? at::addmm(ops::pool_kv_weight(*bias, g, s.head_dim), xe, we.t()) : at::mm(xe, we.t());
+    }
     scatter_repeated(ye, rows, all_tokens, g, s.head_dim, out);
   }
   return out.view(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim));

@@ -2,7 +2,8 @@
 # Makes a fresh machine ready to build and test mixsga:
 #   * the Debian packages the build needs (installed only when missing),
 #   * a virtualenv at .venv with the pinned torch and the Python packages of requirements.txt.
-# Idempotent: a stamp holding the hash of requirements.txt skips pip when nothing changed,
+# Idempotent: a stamp holding the hash of requirements.txt (and requirements-nodeps.txt, installed with
+# --no-deps) skips pip when nothing changed,
 # so a second run takes about a second.
 set -euo pipefail
 
@@ -30,11 +31,12 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 
 STAMP="$VENV/.mixsga-requirements.sha256"
-want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
   echo "[bootstrap] installing Python packages (torch is ~3 GB the first time)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --progress-bar off -r "$ROOT/requirements.txt"
+  "$VENV/bin/python" -m pip install --progress-bar off --no-deps -r "$ROOT/requirements-nodeps.txt"
   echo "$want" > "$STAMP"
 fi
 "$VENV/bin/python" -c "import torch; print(f'[bootstrap] ready: torch {torch.__version__} (CUDA {torch.version.cuda})')"

@@ -20,7 +20,7 @@ from .._checks import (
     shape_str,
 )
 from .._kv_fraction import kv_fraction
-from .functional import apply_rope, apply_rope_cos_sin, default_positions, padding_attention_mask
+from .functional import apply_rope_cos_sin, default_positions, padding_attention_mask, rope_angles
 from .router import ExpertChoiceRouter
 from .shared_group_kv import grouped_kv
 
@@ -361,10 +361,9 @@ class MixSGAAttention(nn.Module):
         # Each token's K/V under its own expert (pooled weights), repeated back to Hkv heads.
         k, v = grouped_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)
         q = self.q_proj(x).view(B, L, Hq, d)
-        if rope is None:
-            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
-        else:
-            q, k = apply_rope_cos_sin(q, *rope), apply_rope_cos_sin(k, *rope)
+        if rope is None:  # the layer's own plain RoPE; angles computed once for q and k
+            rope = rope_angles(positions, d, self.rope_theta, x.dtype, x.device)
+        q, k = apply_rope_cos_sin(q, *rope), apply_rope_cos_sin(k, *rope)
         if cache is not None:
             cache.append(layer_idx, k.detach(), v.detach(), expert_idx, valid, not cache_was_empty)
             if not cache_was_empty:

@@ -30,14 +30,24 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
         raise ValueError(f"positions: expected shape [{B}, {L}] or [{L}], got {shape_str(positions.shape)}")
     if not theta > 0.0:
         raise ValueError(f"theta: must be > 0, got {theta}")
-    angle_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = torch.pow(theta, torch.arange(0, d, 2, device=x.device).to(angle_dtype) / float(d)).reciprocal()
-    pos = (positions.unsqueeze(0) if positions.dim() == 1 else positions).to(device=x.device, dtype=angle_dtype)
-    freqs = pos.unsqueeze(-1) * inv_freq  # [B|1, L, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B|1, L, 1, d]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    cos, sin = rope_angles(positions, d, theta, x.dtype, x.device)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, L, 1, d]
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def rope_angles(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [B|1, L, head_dim] in ``dtype``, of the plain Llama RoPE at ``positions`` ([L] or
+    [B|1, L]): what apply_rope rotates with, for apply_rope_cos_sin (compute once, rotate q and k).
+    Angles in float32 (float64 for float64 ``dtype``), then cast."""
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = torch.pow(theta, torch.arange(0, head_dim, 2, device=device).to(angle_dtype) / float(head_dim)).reciprocal()
+    pos = (positions.unsqueeze(0) if positions.dim() == 1 else positions).to(device=device, dtype=angle_dtype)
+    freqs = pos.unsqueeze(-1) * inv_freq  # [B|1, L, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B|1, L, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

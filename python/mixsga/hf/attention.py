@@ -36,6 +36,7 @@ class HFMixSGAAttention(MixSGAAttention):
         self.layer_idx = layer_idx
         self.is_causal = True  # read by some transformers utilities
         self.last_aux_loss: torch.Tensor | None = None
+        self.last_call_was_prefill = False  # a call on an empty (or no) cache: the one that has an aux loss
 
     def forward(
         self,
@@ -69,6 +70,7 @@ class HFMixSGAAttention(MixSGAAttention):
         positions = position_ids
         if positions is not None and positions.dim() == 2 and positions.shape[0] != B:
             positions = positions.expand(B, -1)
+        self.last_call_was_prefill = cache is None or cache.batch_size == 0 or cache.max_seq_length(self.layer_idx) == 0
         result = self.forward_with_routing(hidden_states, mask, positions, cache, self.layer_idx, position_embeddings)
         if past_key_values is not None:
             past_key_values.advance(self.layer_idx, L)

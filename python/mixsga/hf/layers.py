@@ -22,11 +22,23 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     (float32, float64 for a float64 model) with the forward's autograd graph; 0.0 when the model has no
     mixSGA layers, has not run yet, or its last forward was a decode step (a call on a non-empty cache).
     """
-    losses = [m.last_aux_loss for m in mixsga_layers(model) if m.last_aux_loss is not None]
+    layers = [m for m in mixsga_layers(model) if m.last_aux_loss is not None]
+    if torch.is_grad_enabled() and any(_lost_graph(m) for m in layers):
+        raise RuntimeError(
+            "aux_loss: the last forward kept no autograd graph for the routers' aux loss (it ran under "
+            "torch.no_grad, or under reentrant gradient checkpointing, which recomputes layers only in "
+            "backward); use gradient_checkpointing_kwargs={'use_reentrant': False} (the default)"
+        )
+    losses = [m.last_aux_loss for m in layers]
     if not losses:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=device)
     return torch.stack(losses).mean()
+
+
+def _lost_graph(layer: HFMixSGAAttention) -> bool:
+    return (layer.training and layer.last_call_was_prefill and layer.aux_alpha > 0
+            and layer.router.proj.weight.requires_grad and not layer.last_aux_loss.requires_grad)
 
 
 def kv_fraction(model: nn.Module) -> float:

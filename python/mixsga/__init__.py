@@ -10,6 +10,8 @@ ops ``torch.ops.mixsga.*``, and registers their fake kernels so torch.compile ca
 - ``mixsga.nn``: MixSGAAttention, ExpertChoiceRouter, SharedGroupKV (plain torch.nn.Modules).
 - ``mixsga.ops``: typed entry points of the ops.
 - ``mixsga.kv_fraction(group_sizes, ratios)``: the KV budget of a configuration.
+- ``mixsga.hf`` (``import mixsga.hf``, needs transformers): convert Llama-family models, MixSGACache for
+  ``generate``, aux loss, save/reload; ``mixsga.models``: load_gguf_llama (local GGUF files, offline).
 - ``mixsga._C``: the C++ modules themselves (pybind11), for parity checks and C++-built models, and
   the compact inference cache ``HeteroKVCache``.
 """

@@ -176,10 +176,11 @@ def _install_hooks(model: nn.Module, base: nn.Module) -> None:
 
     def pre_hook(module, args, kwargs):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is not None and mask.dim() != 2:
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            seen = f"shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(
                 f"attention_mask: a mixSGA model needs the [B, T] 0/1 padding mask (routing must know the "
-                f"padding), got shape {list(mask.shape)}"
+                f"padding), got {seen}"
             )
         kwargs[PADDING_MASK_KWARG] = mask
         use_cache = kwargs.get("use_cache")

@@ -10,8 +10,11 @@ import os
 import pytest
 import torch
 
-import mixsga.hf
-import mixsga.models
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+import mixsga.hf  # noqa: E402
+import mixsga.models  # noqa: E402
 
 JARGON = "/usr/share/doc/jargon-text/jargon.txt.gz"  # Debian's jargon-text (scripts/bootstrap.sh installs it)
 

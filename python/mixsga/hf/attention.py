@@ -31,6 +31,9 @@ class HFMixSGAAttention(MixSGAAttention):
     Constructor: ``layer_idx`` (the layer's index in the cache) plus MixSGAAttention's arguments.
     """
 
+    #: False for models without rotary embeddings (OPT: learned absolute positions added to the input).
+    uses_rope = True
+
     def __init__(self, *args, layer_idx: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.layer_idx = layer_idx
@@ -71,8 +74,30 @@ class HFMixSGAAttention(MixSGAAttention):
         if positions is not None and positions.dim() == 2 and positions.shape[0] != B:
             positions = positions.expand(B, -1)
         self.last_call_was_prefill = cache is None or cache.batch_size == 0 or cache.max_seq_length(self.layer_idx) == 0
-        result = self.forward_with_routing(hidden_states, mask, positions, cache, self.layer_idx, position_embeddings)
+        rope = position_embeddings if self.uses_rope else _identity_rope(hidden_states, self.head_dim)
+        result = self.forward_with_routing(hidden_states, mask, positions, cache, self.layer_idx, rope)
         if past_key_values is not None:
             past_key_values.advance(self.layer_idx, L)
         self.last_aux_loss = result.aux_loss
         return result.output, None
+
+
+class HFMixSGAOPTAttention(HFMixSGAAttention):
+    """HFMixSGAAttention for OPT: no RoPE, and the output projection is named ``out_proj`` as in OPT's
+    checkpoints (``o_proj`` stays readable as an alias)."""
+
+    uses_rope = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.out_proj = self._modules.pop("o_proj")
+
+    @property
+    def o_proj(self) -> torch.nn.Linear:
+        return self.out_proj
+
+
+def _identity_rope(x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) = (1, 0): a rotation by zero, exact, for layers without RoPE."""
+    shape = (1, x.shape[1], head_dim)
+    return torch.ones(shape, dtype=x.dtype, device=x.device), torch.zeros(shape, dtype=x.dtype, device=x.device)

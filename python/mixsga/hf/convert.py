@@ -3,6 +3,7 @@ GQA baseline of the paper (``to_gqa``), in place, keeping the model's own weight
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 from collections.abc import Sequence
@@ -12,14 +13,14 @@ from torch import nn
 
 from ..nn.router import ExpertChoiceRouter
 from ..nn.shared_group_kv import pool_kv_weight
-from .attention import PADDING_MASK_KWARG, HFMixSGAAttention
+from .attention import PADDING_MASK_KWARG, HFMixSGAAttention, HFMixSGAOPTAttention
 from .cache import MixSGACache
 from .config import CONFIG_KEY, MixSGASettings
 
-#: model_type of the supported families: their decoder layers call ``self_attn`` with
-#: (hidden_states, position_embeddings, attention_mask, past_key_values, position_ids) and their
-#: attention has q_proj/k_proj/v_proj/o_proj with RoPE applied to q and k only.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: model_type of the supported families: their decoder layers call ``self_attn`` with keyword arguments
+#: (hidden_states, attention_mask, past_key_values, position_ids, and position_embeddings = RoPE cos/sin
+#: except OPT), and their attention has q_proj/k_proj/v_proj/o_proj (OPT: out_proj).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt")
 
 
 def convert(
@@ -61,7 +62,7 @@ def convert(
     """
     settings = MixSGASettings.create(group_sizes, ratios, **options)
     base, config = _base_model(model, "convert")
-    num_kv = config.num_key_value_heads
+    num_kv = _num_kv_heads(config)
     for g in settings.group_sizes:
         if num_kv % g != 0:
             raise ValueError(f"group_sizes: {g} does not divide the model's num_key_value_heads ({num_kv})")
@@ -91,6 +92,11 @@ def to_gqa(model: nn.Module, kv_heads: int) -> nn.Module:
         ValueError: ``kv_heads`` does not divide the model's num_key_value_heads.
     """
     base, config = _base_model(model, "to_gqa")
+    if config.model_type == "opt":
+        raise TypeError(
+            "model: to_gqa needs grouped KV heads, which transformers' OPT attention does not have; "
+            "convert(model, group_sizes=(1, g), ratios=(0, 1)) is the same baseline for OPT"
+        )
     num_kv = config.num_key_value_heads
     if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1 or num_kv % kv_heads != 0:
         raise ValueError(f"kv_heads: must be >= 1 and divide the model's num_key_value_heads ({num_kv}), got {kv_heads!r}")
@@ -127,27 +133,38 @@ def _base_model(model: nn.Module, caller: str):
             f"model: {caller} supports transformers models of type {', '.join(SUPPORTED_MODEL_TYPES)}, got "
             f"{type(model).__name__} (model_type {model_type!r})"
         )
-    base = model if hasattr(model, "layers") else getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if base is None or not isinstance(getattr(base, "layers", None), nn.ModuleList):
+    # The decoder stack: the model itself, model.model (Llama family) or model.model.decoder (OPT).
+    base = next((m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)), None)
+    if base is None:
         raise TypeError(f"model: {type(model).__name__} has no decoder layers where a {model_type} model keeps them")
     if is_converted(base):
         raise TypeError(f"model: {type(model).__name__} is already converted to mixSGA")
     for layer in base.layers:
-        if not all(hasattr(getattr(layer, "self_attn", None), n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise TypeError(f"model: a layer of {type(model).__name__} has no Llama-style self_attn with q/k/v/o_proj")
+        attn = getattr(layer, "self_attn", None)
+        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", _output_projection(model_type))):
+            raise TypeError(f"model: a layer of {type(model).__name__} has no self_attn with q/k/v/o projections")
     return base, base.config
+
+
+def _output_projection(model_type: str) -> str:
+    return "out_proj" if model_type == "opt" else "o_proj"
+
+
+def _num_kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # OPT: MHA
 
 
 def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings) -> HFMixSGAAttention:
     weight = old.q_proj.weight
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
+    cls = HFMixSGAOPTAttention if config.model_type == "opt" else HFMixSGAAttention
     # Built on the meta device, then given the original projections: no copy of the model's weights.
     with torch.device("meta"):
-        attn = HFMixSGAAttention(
+        attn = cls(
             config.hidden_size,
             config.num_attention_heads,
-            config.num_key_value_heads,
+            _num_kv_heads(config),
             head_dim=head_dim,
             group_sizes=settings.group_sizes,
             ratios=settings.ratios,
@@ -160,7 +177,9 @@ def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings
             attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
             layer_idx=idx,
         )
-    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = old.q_proj, old.k_proj, old.v_proj, old.o_proj
+    attn.q_proj, attn.k_proj, attn.v_proj = old.q_proj, old.k_proj, old.v_proj
+    output = _output_projection(config.model_type)
+    setattr(attn, output, getattr(old, output))
     attn.router = ExpertChoiceRouter(config.hidden_size, settings.ratios, settings.aux_loss).to(
         device=weight.device, dtype=weight.dtype
     )
@@ -173,9 +192,12 @@ def _install_hooks(model: nn.Module, base: nn.Module) -> None:
     """Hands the 2D padding mask to the attention layers, makes the default cache a MixSGACache, and makes
     ``generate`` create one."""
     num_layers = len(base.layers)
+    # Where the decoder stack's forward takes these positionally (Llama and OPT order them differently).
+    names = list(inspect.signature(base.forward).parameters)
+    mask_at, past_at = names.index("attention_mask"), names.index("past_key_values")
 
     def pre_hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = kwargs.get("attention_mask", args[mask_at] if len(args) > mask_at else None)
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             seen = f"shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(
@@ -186,8 +208,8 @@ def _install_hooks(model: nn.Module, base: nn.Module) -> None:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", False)
-        past = kwargs.get("past_key_values", args[3] if len(args) > 3 else None)
-        if use_cache and past is None and len(args) <= 3:
+        past = kwargs.get("past_key_values", args[past_at] if len(args) > past_at else None)
+        if use_cache and past is None and len(args) <= past_at:
             # Transformers would create a DynamicCache (full K/V per token), which mixSGA layers cannot use.
             kwargs["past_key_values"] = MixSGACache(num_layers=num_layers)
         return args, kwargs

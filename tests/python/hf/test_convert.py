@@ -7,7 +7,7 @@ from tiny_models import clone, left_padded, tiny_model, transformers
 
 import mixsga.hf
 
-FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = ["llama", "mistral", "qwen2", "opt"]
 
 
 @torch.no_grad()
@@ -21,11 +21,12 @@ def test_unit_ratios_reproduce_the_original_logits(family):
         got = model(ids, use_cache=False, **kwargs).logits
         real = mask.bool() if kwargs else torch.ones_like(mask, dtype=torch.bool)
         torch.testing.assert_close(got[real], want[real], rtol=1e-10, atol=1e-10)
-    # The original projections are kept, not copied (Qwen2: biased q/k/v, unbiased o).
-    attn = model.model.layers[0].self_attn
-    assert isinstance(attn, mixsga.hf.HFMixSGAAttention)
-    assert attn.q_proj.weight.data_ptr() == model.model.layers[0].self_attn.q_proj.weight.data_ptr()
-    assert (attn.k_proj.bias is not None) == (family == "qwen2") and attn.o_proj.bias is None
+    # The original projections are kept, not copied (Qwen2: biased q/k/v, unbiased o; OPT: all biased).
+    layers = model.model.decoder.layers if family == "opt" else model.model.layers
+    attn = layers[0].self_attn
+    assert isinstance(attn, mixsga.hf.HFMixSGAAttention) and len(mixsga.hf.mixsga_layers(model)) == 2
+    assert (attn.k_proj.bias is not None) == (family in ("qwen2", "opt"))
+    assert (attn.o_proj.bias is not None) == (family == "opt")
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def test_to_gqa_equals_the_pooled_expert():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
 def test_left_padded_batch_equals_each_sequence_alone(family):
     model = mixsga.hf.convert(tiny_model(family), group_sizes=(1, 2, 4), ratios=(0.25, 0.25, 0.5))
     lengths, total = [10, 4, 7], 10
@@ -124,6 +125,8 @@ def test_bad_arguments_are_clear_errors():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(TypeError, match=r"model: convert supports .* got GPT2LMHeadModel \(model_type 'gpt2'\)"):
         mixsga.hf.convert(gpt2)
+    with pytest.raises(TypeError, match="to_gqa needs grouped KV heads"):
+        mixsga.hf.to_gqa(tiny_model("opt"), kv_heads=2)
     with pytest.raises(TypeError, match="model: .*got Linear"):
         mixsga.hf.convert(torch.nn.Linear(2, 2))
     model = mixsga.hf.convert(tiny_model(), group_sizes=(1, 2), ratios=(0.5, 0.5))

@@ -32,7 +32,7 @@ def test_greedy_with_the_compact_cache_equals_generation_without_cache():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
 @pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
 def test_static_routing_generates_like_the_original_model(family, mode):
     # Every token on expert 1 (prefill by ratios, decode by a router forced to it) is the original model,

@@ -12,8 +12,8 @@ from tiny_models import tiny_model, transformers
 import mixsga.hf
 
 
-def converted(**options):
-    model = mixsga.hf.convert(tiny_model("qwen2"), group_sizes=(1, 2, 4), ratios=(0.25, 0.25, 0.5), **options)
+def converted(family="qwen2", **options):
+    model = mixsga.hf.convert(tiny_model(family), group_sizes=(1, 2, 4), ratios=(0.25, 0.25, 0.5), **options)
     with torch.no_grad():  # routers unlike a fresh init, so loading them is what makes logits equal
         for layer in mixsga.hf.mixsga_layers(model):
             layer.router.proj.bias.copy_(torch.randn(3, dtype=torch.float64))
@@ -21,8 +21,13 @@ def converted(**options):
 
 
 @torch.no_grad()
-def test_save_and_reload_gives_the_same_logits(tmp_path):
-    model = converted(aux_alpha=0.25, prefill_routing="argmax")
+@pytest.mark.parametrize("family", ["qwen2", "opt"])
+def test_save_and_reload_gives_the_same_logits(tmp_path, family):
+    model = converted(family, aux_alpha=0.25, prefill_routing="argmax")
+    keys = set(model.state_dict())
+    assert any(".router.proj.weight" in k for k in keys)
+    if family == "opt":  # OPT's own parameter name, so the backbone loads as a plain OPT checkpoint
+        assert "model.decoder.layers.0.self_attn.out_proj.weight" in keys and not any("o_proj" in k for k in keys)
     model.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "config.json").read_text())["mixsga"]
     assert stored["group_sizes"] == [1, 2, 4] and stored["ratios"] == [0.25, 0.25, 0.5]
@@ -37,7 +42,7 @@ def test_save_and_reload_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
                                rtol=1e-10, atol=1e-10)
     # A fresh conversion of the same backbone (new routers) does not: the routers were restored.
-    fresh = mixsga.hf.convert(tiny_model("qwen2"), group_sizes=(1, 2, 4), ratios=(0.25, 0.25, 0.5),
+    fresh = mixsga.hf.convert(tiny_model(family), group_sizes=(1, 2, 4), ratios=(0.25, 0.25, 0.5),
                               prefill_routing="argmax")
     assert not torch.allclose(fresh(ids).logits, model(ids).logits, atol=1e-6)
     # Generation works after reload.

@@ -15,6 +15,12 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_config(model_type: str = "llama", **overrides):
     """2 layers, width 32, 4 query heads of dim 8, 4 KV heads (so group sizes 1, 2, 4 all divide)."""
+    if model_type == "opt":  # MHA, learned positions, biases everywhere
+        kwargs = dict(vocab_size=64, hidden_size=32, word_embed_proj_dim=32, ffn_dim=48, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2, dropout=0.0)
+        kwargs.update(overrides)
+        return transformers.OPTConfig(**kwargs)
     cls = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,

@@ -1,4 +1,4 @@
-"""Hugging Face transformers integration: mixSGA for Llama-family causal LMs (Llama, Mistral, Qwen2).
+"""Hugging Face transformers integration: mixSGA for Llama-family causal LMs (Llama, Mistral, Qwen2, OPT).
 
 - ``convert(model, group_sizes=..., ratios=..., **options)``: mixSGA attention in every layer, keeping the
   model's weights; ``to_gqa(model, kv_heads=...)``: the mean-pooled static GQA baseline.

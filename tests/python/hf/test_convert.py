@@ -138,3 +138,8 @@ def test_bad_arguments_are_clear_errors():
         model(torch.randint(3, 64, (1, 4)), attention_mask=torch.ones(1, 1, 4, 4))
     with pytest.raises(TypeError, match="past_key_values: .*MixSGACache, got DynamicCache"):
         model(torch.randint(3, 64, (1, 4)), past_key_values=transformers.DynamicCache(config=model.config))
+
+
+def test_a_sliding_window_is_warned_about():
+    with pytest.warns(UserWarning, match="sliding_window=4"):
+        mixsga.hf.convert(tiny_model("mistral", sliding_window=4), group_sizes=(1, 2), ratios=(0.5, 0.5))

@@ -30,7 +30,8 @@ def convert(
     **options,
 ) -> nn.Module:
     """Replaces the attention of every layer of a transformers Llama-family causal LM (LlamaForCausalLM,
-    MistralForCausalLM, Qwen2ForCausalLM) with mixSGA attention, in place, and returns the model.
+    MistralForCausalLM, Qwen2ForCausalLM; also OPTForCausalLM, whose KV heads are its query heads) with
+    mixSGA attention, in place, and returns the model.
 
     Expert 1 (group size 1) is the original layer: q/k/v/o keep the model's own weights (the same
     Parameters), every expert shares k/v pooled over its groups; only the router (``D*E + E``

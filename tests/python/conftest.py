@@ -24,13 +24,6 @@ def _seed():
     yield
 
 
-def _cuda_param():
-    if not torch.cuda.is_available():
-        return pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA device"))
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("mixsga::grouped_kv_pool", "CUDA"):
-        return pytest.param("cuda", marks=pytest.mark.skip(reason="libmixsga was built without CUDA kernels"))
-    return "cuda"
-
-
-#: Every device test runs on CPU, and on CUDA when a GPU and the CUDA kernels are both present.
-DEVICES = ["cpu", _cuda_param()]
+# DEVICES lives in device_params.py: test modules import it from there, since a module named
+# `conftest` is ambiguous once a sub-suite (hf/, train/) has its own conftest.py.
+from device_params import DEVICES  # noqa: E402,F401

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mixsga
 import reference as ref
-from conftest import DEVICES
+from device_params import DEVICES
 
 ops = torch.ops.mixsga
 GROUPS = [1, 2, 4]

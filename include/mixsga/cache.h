@@ -118,6 +118,9 @@ class HeteroKVCache {
                   const at::Tensor& is_valid, bool decode);
   void ensure_capacity(Pool& pool, int64_t expert, int64_t needed);
   int64_t capacity(const Pool& pool) const { return pool.keys.defined() ? pool.keys.size(2) : 0; }
+  // max over sequences of lengths[b, e]: the filled prefix of expert e's pools (read on the host, no
+  // tensor ops: the decode path asks for it every step).
+  int64_t stored_slots(const Layer& state, int64_t expert) const;
   int64_t stored_tokens() const;
 
   HeteroKVCacheOptions options_;

@@ -214,13 +214,21 @@ void HeteroKVCache::append_cpu(Layer& state, const at::Tensor& keys, const at::T
   }
 }
 
+int64_t HeteroKVCache::stored_slots(const Layer& state, int64_t expert) const {
+  const int64_t E = num_experts();
+  const int64_t* lp = state.lengths.const_data_ptr<int64_t>();  // [B, E] int64, contiguous, CPU
+  int64_t stored = 0;
+  for (int64_t b = 0; b < batch_; ++b) stored = std::max(stored, lp[b * E + expert]);
+  return stored;
+}
+
 std::vector<at::Tensor> HeteroKVCache::keys(int64_t layer) const {
   check_layer(layer);
   std::vector<at::Tensor> out;
   const auto& state = layers_[layer];
   for (int64_t e = 0; e < num_experts(); ++e) {
     const auto& pool = state.pools[e];
-    const int64_t stored = batch_ == 0 ? 0 : state.lengths.select(1, e).max().item<int64_t>();
+    const int64_t stored = stored_slots(state, e);
     const int64_t heads = options_.num_kv_heads / options_.group_sizes[e];
     out.push_back(pool.keys.defined()
                       ? pool.keys.narrow(2, 0, stored)
@@ -262,7 +270,16 @@ at::Tensor HeteroKVCache::seq_lengths(int64_t layer) const {
 }
 
 int64_t HeteroKVCache::max_seq_length(int64_t layer) const {
-  return batch_ == 0 ? 0 : seq_lengths(layer).max().item<int64_t>();
+  check_layer(layer);
+  const int64_t E = num_experts();
+  const int64_t* lp = layers_[layer].lengths.const_data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch_; ++b) {
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; ++e) total += lp[b * E + e];
+    longest = std::max(longest, total);
+  }
+  return longest;
 }
 
 void HeteroKVCache::reorder(const at::Tensor& beam_idx) {

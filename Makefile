@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 CMAKE_FLAGS ?=
 
-.PHONY: all bootstrap configure build test demo install bench clean
+.PHONY: all bootstrap configure build test test-sanitize demo install bench clean
 
 all: build
 
@@ -26,6 +26,24 @@ build: configure
 test: build
 	@# ctest runs $(JOBS) tests at once: one torch thread each, or they oversubscribe the cores.
 	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+# The library, the C++ gtests and the fuzz harness built with ASan + UBSan (no CUDA, Python, examples
+# or benchmarks), the gtests and the fuzz corpus run clean, then FUZZ_SECONDS of new random cases.
+# -O1, the usual sanitizer level: readable reports, fast enough tests, and a much shorter compile than
+# Release's -O3 (this build runs in CI). Runtime options and suppressions: tests/sanitize/ (each
+# explained). CI runs it after `make test`.
+SAN_BUILD    ?= build-asan
+FUZZ_SECONDS ?= 60
+test-sanitize: bootstrap
+	@cmake -S . -B $(SAN_BUILD) -G Ninja -DMIXSGA_PYTHON=$(PYTHON) -DMIXSGA_SANITIZE=ON -DMIXSGA_WITH_CUDA=OFF \
+	  -DMIXSGA_BUILD_PYTHON=OFF -DMIXSGA_BUILD_EXAMPLES=OFF -DMIXSGA_BUILD_BENCHMARKS=OFF \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 \
+	  > $(SAN_BUILD).configure.log 2>&1 || (cat $(SAN_BUILD).configure.log; exit 1)
+	@# gtest discovery runs the sanitized test binary at build time, so the options apply there too.
+	@. tests/sanitize/env.sh && cmake --build $(SAN_BUILD) -j $(JOBS)
+	@. tests/sanitize/env.sh && OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+	  ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(JOBS)
+	@. tests/sanitize/env.sh && OMP_NUM_THREADS=1 $(SAN_BUILD)/tests/fuzz/mixsga_fuzz --seconds $(FUZZ_SECONDS)
 
 demo: build
 	@$(BUILD)/examples/cpp/mixsga_quickstart

@@ -14,7 +14,7 @@ namespace mixsga {
 
 /// Options of HeteroKVCache.
 struct HeteroKVCacheOptions {
-  /// Number of attention layers that store into this cache.
+  /// Number of attention layers that store into this cache, in [1, 2^20].
   int64_t num_layers = 1;
   /// Hkv: base KV heads of the model.
   int64_t num_kv_heads = 1;

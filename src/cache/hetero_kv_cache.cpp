@@ -15,17 +15,29 @@ namespace mixsga {
 namespace {
 constexpr int64_t kIndexBytesPerToken = sizeof(int32_t);  // the stored position
 constexpr int64_t kMinCapacity = 16;
+constexpr int64_t kMaxLayers = int64_t{1} << 20;
+constexpr int64_t kMaxTokenBytes = int64_t{1} << 32;
 }  // namespace
 
 HeteroKVCache::HeteroKVCache(HeteroKVCacheOptions options) : options_(std::move(options)) {
   const auto& o = options_;
-  TORCH_CHECK_VALUE(o.num_layers > 0, fmt::format("num_layers: must be > 0, got {}", o.num_layers));
+  // The per-layer bookkeeping is allocated up front, so an absurd count must be an error, not a failed
+  // allocation (found by tests/fuzz; corpus case hetero_kv_cache 27).
+  TORCH_CHECK_VALUE(o.num_layers > 0 && o.num_layers <= kMaxLayers,
+                    fmt::format("num_layers: must be in [1, {}], got {}", kMaxLayers, o.num_layers));
   TORCH_CHECK_VALUE(o.num_kv_heads > 0, fmt::format("num_kv_heads: must be > 0, got {}", o.num_kv_heads));
   TORCH_CHECK_VALUE(o.head_dim > 0, fmt::format("head_dim: must be > 0, got {}", o.head_dim));
   TORCH_CHECK_VALUE(o.max_tokens >= 0, fmt::format("max_tokens: must be >= 0 (0 = unlimited), got {}", o.max_tokens));
   TORCH_CHECK_VALUE(std::isfinite(o.growth) && o.growth >= 1.0, fmt::format("growth: must be >= 1, got {}", o.growth));
   detail::check_group_sizes(o.group_sizes, o.num_kv_heads);
   TORCH_CHECK_TYPE(at::isFloatingType(o.dtype), fmt::format("dtype: must be a floating dtype, got {}", c10::toString(o.dtype)));
+  // The memory accounting multiplies these per token; bound them so it cannot overflow (found by tests/fuzz).
+  int64_t token_bytes = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(2 * c10::elementSize(o.dtype), o.num_kv_heads, &token_bytes) &&
+                        !__builtin_mul_overflow(token_bytes, o.head_dim, &token_bytes) && token_bytes <= kMaxTokenBytes,
+                    fmt::format("num_kv_heads, head_dim: a token's K/V would take more than {} bytes per layer "
+                                "(num_kv_heads = {}, head_dim = {})",
+                                kMaxTokenBytes, o.num_kv_heads, o.head_dim));
   reset();
 }
 
@@ -97,7 +109,12 @@ void HeteroKVCache::append(int64_t layer, const at::Tensor& keys, const at::Tens
   }
   if (batch_ == 0) {
     batch_ = B;
-    for (auto& l : layers_) l.lengths = at::zeros({B, E}, at::kLong);
+    // Pools may survive from a batch that reorder() emptied; their batch dim is 0, so they must go
+    // (found by tests/fuzz: the next append wrote through a null pool; corpus hetero_kv_cache 1000).
+    for (auto& l : layers_) {
+      l.lengths = at::zeros({B, E}, at::kLong);
+      l.pools.assign(E, Pool{});
+    }
   }
   auto& state = layers_[layer];
   const auto idx = expert_idx.to(at::kLong);

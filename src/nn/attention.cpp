@@ -9,6 +9,7 @@
 #include "mixsga/nn/rope.h"
 #include "mixsga/ops.h"
 #include "nn/module_checks.h"
+#include "nn/option_record.h"
 #include "ops/validation.h"
 
 namespace mixsga::nn {
@@ -248,6 +249,35 @@ MixSGAAttentionImpl::RoutingAgreement MixSGAAttentionImpl::routing_agreement(
     return torch::one_hot(idx.masked_select(valid), E).sum(0).to(torch::kDouble).cpu() / n;
   };
   return {(argmax == choice).masked_select(valid).sum().item<double>() / n, ratios(argmax), ratios(choice)};
+}
+
+}  // namespace mixsga::nn
+
+namespace mixsga::nn {
+namespace {
+detail::OptionRecord option_record(const MixSGAAttentionOptions& o) {
+  return {{"hidden_size", fmt::format("{}", o.hidden_size())},
+          {"num_heads", fmt::format("{}", o.num_heads())},
+          {"num_kv_heads", fmt::format("{}", o.num_kv_heads())},
+          {"head_dim", fmt::format("{}", o.head_dim())},
+          {"group_sizes", fmt::format("[{}]", fmt::join(o.group_sizes(), ", "))},
+          {"ratios", fmt::format("[{}]", fmt::join(o.ratios(), ", "))},
+          {"bias", fmt::format("{}", o.bias())},
+          {"rope_theta", fmt::format("{}", o.rope_theta())},
+          {"aux_loss", o.aux_loss()},
+          {"aux_alpha", fmt::format("{}", o.aux_alpha())},
+          {"prefill_routing", o.prefill_routing()},
+          {"detach_router_input", fmt::format("{}", o.detach_router_input())},
+          {"attention_dropout", fmt::format("{}", o.attention_dropout())}};
+}
+}  // namespace
+
+void MixSGAAttentionImpl::save(torch::serialize::OutputArchive& archive) const {
+  detail::save_with_options(*this, archive, "MixSGAAttention", option_record(options));
+}
+
+void MixSGAAttentionImpl::load(torch::serialize::InputArchive& archive) {
+  detail::load_with_options(*this, archive, "MixSGAAttention", option_record(options));
 }
 
 }  // namespace mixsga::nn

@@ -9,6 +9,7 @@
 
 #include "mixsga/ops.h"
 #include "nn/module_checks.h"
+#include "nn/option_record.h"
 #include "ops/validation.h"
 
 namespace mixsga::nn {
@@ -95,6 +96,25 @@ torch::Tensor ExpertChoiceRouterImpl::aux_loss(const torch::Tensor& logits, cons
                                 detail::shape_str(valid_mask->sizes())));
   const auto w = valid_mask->reshape({-1}).ne(0).to(acc);
   return (per_token * w).sum() / w.sum().clamp_min(1.0);
+}
+
+}  // namespace mixsga::nn
+
+namespace mixsga::nn {
+namespace {
+detail::OptionRecord option_record(const ExpertChoiceRouterOptions& o) {
+  return {{"hidden_size", fmt::format("{}", o.hidden_size())},
+          {"ratios", fmt::format("[{}]", fmt::join(o.ratios(), ", "))},
+          {"aux_loss", o.aux_loss()}};
+}
+}  // namespace
+
+void ExpertChoiceRouterImpl::save(torch::serialize::OutputArchive& archive) const {
+  detail::save_with_options(*this, archive, "ExpertChoiceRouter", option_record(options));
+}
+
+void ExpertChoiceRouterImpl::load(torch::serialize::InputArchive& archive) {
+  detail::load_with_options(*this, archive, "ExpertChoiceRouter", option_record(options));
 }
 
 }  // namespace mixsga::nn

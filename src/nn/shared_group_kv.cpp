@@ -5,6 +5,7 @@
 
 #include "mixsga/ops.h"
 #include "nn/module_checks.h"
+#include "nn/option_record.h"
 #include "ops/validation.h"
 
 namespace mixsga::nn {
@@ -61,6 +62,27 @@ std::tuple<torch::Tensor, torch::Tensor> SharedGroupKVImpl::expert_weights(int64
   auto w = ops::pool_kv_weight(linear->weight, g, d);
   auto b = linear->bias.defined() ? ops::pool_kv_weight(linear->bias, g, d) : torch::Tensor();
   return {w, b};
+}
+
+}  // namespace mixsga::nn
+
+namespace mixsga::nn {
+namespace {
+detail::OptionRecord option_record(const SharedGroupKVOptions& o) {
+  return {{"hidden_size", fmt::format("{}", o.hidden_size())},
+          {"num_kv_heads", fmt::format("{}", o.num_kv_heads())},
+          {"head_dim", fmt::format("{}", o.head_dim())},
+          {"group_sizes", fmt::format("[{}]", fmt::join(o.group_sizes(), ", "))},
+          {"bias", fmt::format("{}", o.bias())}};
+}
+}  // namespace
+
+void SharedGroupKVImpl::save(torch::serialize::OutputArchive& archive) const {
+  detail::save_with_options(*this, archive, "SharedGroupKV", option_record(options));
+}
+
+void SharedGroupKVImpl::load(torch::serialize::InputArchive& archive) {
+  detail::load_with_options(*this, archive, "SharedGroupKV", option_record(options));
 }
 
 }  // namespace mixsga::nn

@@ -77,6 +77,7 @@ at::Tensor hetero_decode_attention(const at::Tensor& q, at::TensorList k_pools, 
 }
 
 at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t head_dim) {
+  detail::check_floating(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() >= 1, fmt::format("pool_kv_weight: weight must have at least one dim, got shape {}",
                                                  detail::shape_str(weight.sizes())));
   TORCH_CHECK_VALUE(head_dim >= 1 && weight.size(0) % head_dim == 0,
@@ -90,6 +91,7 @@ at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t 
   std::vector<int64_t> grouped{heads / group_size, group_size, head_dim};
   const auto rest = weight.sizes().slice(1);
   grouped.insert(grouped.end(), rest.begin(), rest.end());
+  detail::check_sizes_fit(grouped, "weight");
   std::vector<int64_t> pooled{heads / group_size * head_dim};
   pooled.insert(pooled.end(), rest.begin(), rest.end());
   return weight.reshape(grouped).mean(1).reshape(pooled);

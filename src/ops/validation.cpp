@@ -55,6 +55,39 @@ void check_floating(const at::Tensor& t, std::string_view name) {
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
                    fmt::format("{}: expected float32, float64, bfloat16 or float16, got {}", name,
                                c10::toString(st)));
+  check_sizes_fit(t, name);
+}
+
+void check_sizes_fit(const at::Tensor& t, std::string_view name) { check_sizes_fit(t.sizes(), name); }
+
+void check_sizes_fit(c10::IntArrayRef sizes, std::string_view name) {
+  // Found by tests/fuzz: e.g. x [2^63-1, 2, 0] is a valid empty tensor, but the token count
+  // (product of the leading dims) overflowed, which is undefined behaviour; and a reshape or an
+  // output of such a tensor fails inside torch with an error that names no argument.
+  int64_t product = 1;
+  for (const int64_t size : sizes) {
+    TORCH_CHECK_VALUE(size == 0 || !__builtin_mul_overflow(product, size, &product),
+                      fmt::format("{}: sizes {} are too large (the product of the non-zero sizes overflows int64)",
+                                  name, shape_str(sizes)));
+  }
+}
+
+void check_num_experts(int64_t num_experts, std::string_view name) {
+  constexpr int64_t kMaxExperts = int64_t{1} << 20;
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts,
+                    fmt::format("{}: must be in [1, {}], got {}", name, kMaxExperts, num_experts));
+}
+
+void check_grouped_kv_proj_grad_out(const at::Tensor& grad_out, const at::Tensor& x, int64_t heads, int64_t head_dim) {
+  const auto expected = grouped_kv_proj_out_shape(x, heads, head_dim);
+  TORCH_CHECK_VALUE(grad_out.defined() && grad_out.sizes().equals(expected),
+                    fmt::format("grad_out: expected shape {}, got {}", shape_str(expected),
+                                grad_out.defined() ? shape_str(grad_out.sizes()) : "undefined"));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(),
+                   fmt::format("grad_out: expected the dtype of x ({}), got {}", c10::toString(x.scalar_type()),
+                               c10::toString(grad_out.scalar_type())));
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(),
+                    fmt::format("grad_out: expected device {}, got {}", x.device().str(), grad_out.device().str()));
 }
 
 void check_expert_idx(const at::Tensor& expert_idx, c10::IntArrayRef expected_shape, int64_t num_experts,
@@ -64,6 +97,7 @@ void check_expert_idx(const at::Tensor& expert_idx, c10::IntArrayRef expected_sh
                    fmt::format("{}: expected an integer dtype, got {}", name, c10::toString(expert_idx.scalar_type())));
   TORCH_CHECK_VALUE(expert_idx.device() == device,
                     fmt::format("{}: expected device {}, got {}", name, device.str(), expert_idx.device().str()));
+  check_sizes_fit(expert_idx, name);
   TORCH_CHECK_VALUE(expert_idx.sizes().equals(expected_shape),
                     fmt::format("{}: expected shape {} (the token dims of the input), got {}", name,
                                 shape_str(expected_shape), shape_str(expert_idx.sizes())));
@@ -116,6 +150,7 @@ ProjShapes check_grouped_kv_proj_args(const at::Tensor& x, const at::Tensor& wei
   TORCH_CHECK_VALUE(head_dim >= 1 && weight.size(0) % head_dim == 0 && weight.size(0) > 0,
                     fmt::format("head_dim: must be >= 1 and divide weight.size(0) ({}), got {}", weight.size(0), head_dim));
   const int64_t heads = weight.size(0) / head_dim;
+  check_sizes_fit(grouped_kv_proj_out_shape(x, heads, head_dim), "x");  // the output [*, Hkv, d]
   check_group_sizes(group_sizes, heads);
   check_expert_idx(expert_idx, x.sizes().slice(0, x.dim() - 1), static_cast<int64_t>(group_sizes.size()), x.device());
   const int64_t hidden = x.size(-1);

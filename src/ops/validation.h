@@ -23,8 +23,20 @@ void check_group_sizes(c10::IntArrayRef group_sizes, int64_t num_kv_heads = -1,
 void check_expert_idx(const at::Tensor& expert_idx, c10::IntArrayRef expected_shape, int64_t num_experts,
                       c10::Device device, std::string_view name = "expert_idx");
 
-/// A floating tensor (float32, float64, bfloat16 or float16).
+/// A floating tensor (float32, float64, bfloat16 or float16) whose sizes pass check_sizes_fit.
 void check_floating(const at::Tensor& t, std::string_view name);
+
+/// The product of the tensor's non-zero dims fits in int64. A tensor with a zero dim can have other
+/// dims of any size (e.g. [0, 2^62, 4]); reshaping it or multiplying its sizes would overflow.
+void check_sizes_fit(const at::Tensor& t, std::string_view name);
+/// The same for a shape that an op is about to create (an output, a reshape of `name`).
+void check_sizes_fit(c10::IntArrayRef sizes, std::string_view name);
+
+/// An expert count argument: in [1, 2^20] (sizes are allocated from it).
+void check_num_experts(int64_t num_experts, std::string_view name = "num_experts");
+
+/// _grouped_kv_proj_backward's grad_out: shape x's leading dims + [heads, head_dim], x's dtype and device.
+void check_grouped_kv_proj_grad_out(const at::Tensor& grad_out, const at::Tensor& x, int64_t heads, int64_t head_dim);
 
 /// route_expert_choice's arguments: scores [B, L, E] floating, ratios matching E, optional [B, L]
 /// valid_mask on scores' device where every sequence has a valid token. Returns the mask as a

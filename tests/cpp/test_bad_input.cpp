@@ -9,14 +9,22 @@
 // CPU ones is dispatched to the Meta key, which has no kernel and throws c10::NotImplementedError before
 // any mixsga check runs). The modules check devices before dispatching, so Meta tensors are used there.
 #include <gtest/gtest.h>
+#include <mixsga/cache.h>
+#include <mixsga/checkpoint.h>
 #include <mixsga/nn/attention.h>
 #include <mixsga/nn/rope.h>
 #include <mixsga/nn/router.h>
 #include <mixsga/nn/shared_group_kv.h>
 #include <mixsga/ops.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
+#include <fmt/format.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <initializer_list>
 #include <limits>
 #include <source_location>
@@ -393,7 +401,7 @@ TEST(BadInput, GroupedKVProjRejectsBadExpertIdx) {
 
 TEST(BadInput, ExpertPermutationRejectsBadInput) {
   expect_error<c10::ValueError>([] { ops::expert_permutation(long_full({4}, 0), 0); },
-                                {"num_experts", ">= 1", "got 0"});
+                                {"num_experts", "[1, 1048576]", "got 0"});
   expect_error<c10::ValueError>([] { ops::expert_permutation(long_full({4}, 0), -3); }, {"num_experts", "got -3"});
   expect_error<c10::TypeError>([] { ops::expert_permutation(torch::zeros({4}), 3); },
                                {"expert_idx", "integer dtype", "Float"});
@@ -769,4 +777,122 @@ TEST(BadInput, ApplyRopeRejectsBadInput) {
   expect_error<c10::ValueError>([&] { mnn::apply_rope(x, pos, -10.0); }, {"theta", "got -10"});
   expect_error<c10::ValueError>([&] { mnn::apply_rope(x, pos, kNaN); }, {"theta", "got nan"});
   expect_unchanged(before, {x, pos});
+}
+
+// =============================================================================================
+// ops::hetero_decode_attention
+// =============================================================================================
+
+TEST(BadInput, HeteroDecodeAttentionRejectsBadInput) {
+  const auto q = torch::randn({2, 4, 8});
+  const std::vector<torch::Tensor> k{torch::randn({2, 2, 3, 8}), torch::randn({2, 1, 3, 8})};
+  const auto lengths = torch::ones({2, 2}, torch::kLong);
+  expect_error<c10::TypeError>([&] { ops::hetero_decode_attention(q.to(torch::kLong), k, k, lengths, 2); },
+                               {"q", "Long"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q[0], k, k, lengths, 2); },
+                                {"q", "[B, Hq, d]", "got [4, 8]"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, k, k, lengths, 3); }, {"num_kv_heads", "got 3"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, k, k, lengths, 0); }, {"num_kv_heads", "got 0"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, k, {k[0]}, lengths, 2); },
+                                {"k_pools / v_pools", "got 2 and 1"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, {}, {}, torch::ones({2, 0}, torch::kLong), 2); },
+                                {"k_pools / v_pools", "got 0 and 0"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, k, k, torch::ones({2, 3}, torch::kLong), 2); },
+                                {"lengths", "[2, 2]", "got [2, 3]"});
+  expect_error<c10::TypeError>([&] { ops::hetero_decode_attention(q, k, k, lengths.to(torch::kFloat), 2); },
+                               {"lengths", "integer", "Float"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, k, k, lengths * 4, 2); },
+                                {"lengths", "[0, 3]", "[4, 4]"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, {k[0], torch::randn({2, 3, 3, 8})}, {k[0], torch::randn({2, 3, 3, 8})}, lengths, 2); },
+                                {"k_pools[1]", "got [2, 3, 3, 8]"});
+  expect_error<c10::TypeError>([&] { ops::hetero_decode_attention(q, {k[0], k[1].to(torch::kDouble)}, {k[0], k[1]}, lengths, 2); },
+                               {"k_pools[1]", "Double"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, k, {k[0], torch::randn({2, 1, 2, 8})}, lengths, 2); },
+                                {"v_pools[1]", "[2, 1, 3, 8]", "got [2, 1, 2, 8]"});
+  expect_error<c10::ValueError>([&] { ops::hetero_decode_attention(q, {k[0], torch::randn({2, 1, 8, 3}).transpose(2, 3)}, {k[0], k[1]}, lengths, 2); },
+                                {"k_pools[1]", "contiguous", "stride 3"});
+}
+
+// =============================================================================================
+// _grouped_kv_proj_backward (reachable from C++ through the dispatcher)
+// =============================================================================================
+
+TEST(BadInput, GroupedKVProjBackwardRejectsBadGradOut) {
+  const auto op = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("mixsga::_grouped_kv_proj_backward", "")
+                      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                            const at::Tensor&, const at::Tensor&,
+                                                                            c10::IntArrayRef, int64_t)>();
+  const auto x = torch::randn({2, 5, 8}), w = torch::randn({8, 8}), idx = long_full({2, 5}, 1);
+  const auto grad = torch::randn({2, 5, 4, 2});
+  expect_error<c10::TypeError>([&] { op.call(grad.to(torch::kHalf), x, w, idx, kGroups, 2); },
+                               {"grad_out", "dtype of x", "Float", "Half"});
+  expect_error<c10::ValueError>([&] { op.call(grad.narrow(1, 0, 4), x, w, idx, kGroups, 2); },
+                                {"grad_out", "[2, 5, 4, 2]", "got [2, 4, 4, 2]"});
+}
+
+// =============================================================================================
+// Sizes no data can have (found by tests/fuzz): clear errors, not overflow or torch internals
+// =============================================================================================
+
+TEST(BadInput, OverflowingSizesAreRejected) {
+  constexpr int64_t kHuge = int64_t{1} << 62;
+  expect_error<c10::ValueError>([&] { ops::expert_permutation(long_full({3}, 0), kHuge); },
+                                {"num_experts", "[1, 1048576]", std::to_string(kHuge)});
+  const auto empty_kv = torch::empty({kHuge, 2, 0, 4, 2});  // a valid empty tensor; its sizes' product overflows
+  expect_error<c10::ValueError>([&] { ops::grouped_kv_pool(empty_kv, torch::empty({kHuge, 2, 0}, torch::kLong), {1, 2}); },
+                                {"kv", "too large", "overflows int64"});
+  const auto x = torch::empty({0, kHuge, 1});
+  expect_error<c10::ValueError>(
+      [&] { ops::grouped_kv_proj(x, torch::randn({8, 1}), std::nullopt, torch::empty({0, kHuge}, torch::kLong), {1, 2}, 2); },
+      {"x", "too large"});
+  expect_error<c10::TypeError>([&] { ops::pool_kv_weight(torch::ones({8, 4}, torch::kLong), 2, 2); }, {"weight", "Long"});
+  expect_error<c10::ValueError>([&] { ops::pool_kv_weight(torch::empty({0, kHuge}), 2, 4); }, {"weight", "too large"});
+}
+
+// =============================================================================================
+// HeteroKVCache options (the calls are covered in test_cache.cpp's BadInputIsRejectedAndTheCacheStaysUsable)
+// =============================================================================================
+
+TEST(BadInput, HeteroKVCacheOptionsAreValidated) {
+  const auto with = [](auto change) {
+    mixsga::HeteroKVCacheOptions o;
+    o.num_kv_heads = 4;
+    o.head_dim = 8;
+    change(o);
+    return o;
+  };
+  expect_error<c10::ValueError>([&] { mixsga::HeteroKVCache(with([](auto& o) { o.num_layers = 0; })); },
+                                {"num_layers", "got 0"});
+  expect_error<c10::ValueError>([&] { mixsga::HeteroKVCache(with([](auto& o) { o.num_layers = int64_t{1} << 40; })); },
+                                {"num_layers", "[1, 1048576]", "got 1099511627776"});
+  expect_error<c10::ValueError>([&] { mixsga::HeteroKVCache(with([](auto& o) { o.head_dim = int64_t{1} << 62; })); },
+                                {"num_kv_heads, head_dim", "head_dim = 4611686018427387904"});
+  expect_error<c10::ValueError>([&] { mixsga::HeteroKVCache(with([](auto& o) { o.num_kv_heads = -4; })); },
+                                {"num_kv_heads", "got -4"});
+  expect_error<c10::ValueError>([&] { mixsga::HeteroKVCache(with([](auto& o) { o.group_sizes = {1, 3}; })); },
+                                {"group_sizes", "group_sizes[1] = 3"});
+  expect_error<c10::ValueError>([&] { mixsga::HeteroKVCache(with([](auto& o) { o.max_tokens = -1; })); },
+                                {"max_tokens", "got -1"});
+  expect_error<c10::ValueError>([&] { mixsga::HeteroKVCache(with([](auto& o) { o.growth = kNaN; })); },
+                                {"growth", "got nan"});
+  expect_error<c10::TypeError>([&] { mixsga::HeteroKVCache(with([](auto& o) { o.dtype = torch::kLong; })); },
+                               {"dtype", "Long"});
+}
+
+// =============================================================================================
+// Checkpoints (test_checkpoint.cpp covers option and tensor mismatches)
+// =============================================================================================
+
+TEST(BadInput, CheckpointFunctionsNameThePath) {
+  mnn::MixSGAAttention layer(mnn::MixSGAAttentionOptions(32, 4, 4));
+  const auto dir = std::filesystem::temp_directory_path();
+  const auto absent = (dir / "mixsga_bad_input_absent.pt").string();
+  expect_error<c10::ValueError>([&] { mixsga::load_checkpoint(*layer, absent); }, {"path", absent});
+  expect_error<c10::ValueError>([&] { mixsga::load_checkpoint(*layer, dir.string()); }, {"path", "no checkpoint file"});
+  expect_error<c10::ValueError>([&] { mixsga::save_checkpoint(*layer, ""); }, {"path", "empty"});
+  const auto garbage = (dir / fmt::format("mixsga_bad_input_garbage_{}.pt", ::getpid())).string();
+  { std::ofstream(garbage) << "not a zip archive"; }
+  expect_error<c10::ValueError>([&] { mixsga::load_checkpoint(*layer, garbage); }, {"path", garbage, "not a readable checkpoint"});
+  std::filesystem::remove(garbage);
 }

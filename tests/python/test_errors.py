@@ -142,3 +142,94 @@ def test_fake_kernels_raise_the_same_errors_while_tracing():
 
     expect(Exception, lambda: pool(kv, idx), "expert_idx", r"expected shape \[2, 5\]", r"got \[2, 4\]")
     torch._dynamo.reset()
+
+
+def test_bad_cache_arguments():
+    """Every HeteroKVCache entry point: bad options, appends, reorder, crop and layer indices; a rejected
+    call leaves the cache usable."""
+    opts = lambda **kw: _C.HeteroKVCacheOptions(**{**dict(num_layers=2, num_kv_heads=4, head_dim=8,  # noqa: E731
+                                                          group_sizes=[1, 2, 4]), **kw})
+    expect(ValueError, lambda: _C.HeteroKVCache(opts(num_layers=0)), "num_layers", "got 0")
+    expect(ValueError, lambda: _C.HeteroKVCache(opts(num_layers=2**40)), "num_layers", str(2**40))
+    expect(ValueError, lambda: _C.HeteroKVCache(opts(head_dim=-8)), "head_dim", "-8")
+    expect(ValueError, lambda: _C.HeteroKVCache(opts(head_dim=2**62)), "head_dim", str(2**62))
+    expect(ValueError, lambda: _C.HeteroKVCache(opts(group_sizes=[1, 3])), "group_sizes", r"group_sizes\[1\] = 3")
+    expect(ValueError, lambda: _C.HeteroKVCache(opts(growth=float("nan"))), "growth", "nan")
+    expect(TypeError, lambda: _C.HeteroKVCache(opts(dtype=torch.long)), "dtype", "Long|int64")
+    cache = _C.HeteroKVCache(opts())
+    k, idx = torch.randn(2, 3, 4, 8), torch.randint(0, 3, (2, 3))
+    cache.append(0, k, k, idx)
+    expect(ValueError, lambda: cache.append(0, torch.randn(2, 3, 2, 8), k, idx), "keys", r"\[2, 3, 2, 8\]")
+    expect(TypeError, lambda: cache.append(0, k.double(), k.double(), idx), "keys", "Double|float64")
+    expect(ValueError, lambda: cache.append(0, k, k, idx + 1), "expert_idx", r"\[0, 3\)")
+    expect(ValueError, lambda: cache.append(0, k, k, idx, torch.ones(2, 4)), "valid", r"\[2, 4\]")
+    expect(ValueError, lambda: cache.append(0, k[:1], k[:1], idx[:1]), "batch size")
+    expect(ValueError, lambda: cache.append(0, k, k.to("meta"), idx), "values", "meta")
+    expect(IndexError, lambda: cache.append(2, k, k, idx), "layer", r"\[0, 2\)", "got 2")
+    expect(IndexError, lambda: cache.keys(-1), "layer", "got -1")
+    expect(IndexError, lambda: cache.reorder(torch.tensor([0, 2])), "beam_idx", r"\[0, 2\]")
+    expect(TypeError, lambda: cache.reorder(torch.tensor([0.0, 1.0])), "beam_idx", "integer")
+    expect(ValueError, lambda: cache.crop(-1), "length", "got -1")
+    assert cache.lengths(0).sum().item() == 6  # nothing of the rejected calls was stored
+
+
+def test_emptied_cache_takes_a_new_batch():
+    """reorder() to zero sequences, then a new batch: regression of a fuzz finding (tests/fuzz/corpus)."""
+    cache = _C.HeteroKVCache(_C.HeteroKVCacheOptions(num_layers=1, num_kv_heads=4, head_dim=8, group_sizes=[1, 2]))
+    k = torch.randn(2, 3, 4, 8)
+    cache.append(0, k, k, torch.randint(0, 2, (2, 3)))
+    cache.reorder(torch.empty(0, dtype=torch.long))
+    k3 = torch.randn(3, 2, 4, 8)
+    cache.append(0, k3, k3, torch.zeros(3, 2, dtype=torch.long))
+    assert cache.lengths(0).tolist() == [[2, 0]] * 3
+    torch.testing.assert_close(cache.keys(0)[0], k3.transpose(1, 2))
+
+
+def test_huge_and_overflowing_sizes_are_clear_errors():
+    """Sizes that no tensor data can have (found by tests/fuzz) are ValueErrors naming the argument."""
+    expect(ValueError, lambda: ops.expert_permutation(torch.zeros(3, dtype=torch.long), 2**62),
+           "num_experts", str(2**62))
+    empty = torch.empty(2**62, 2, 0, 4, 2)  # a valid empty tensor whose token count overflows int64
+    expect(ValueError, lambda: ops.grouped_kv_pool(empty, torch.zeros(2**62, 2, 0, dtype=torch.long), [1, 2]),
+           "kv", "too large")
+    x = torch.empty(0, 2**62, 1)
+    expect(ValueError, lambda: ops.grouped_kv_proj(x, torch.randn(8, 1), None, torch.zeros(0, 2**62, dtype=torch.long),
+                                                   [1, 2], 2), "x", "too large")
+
+
+def test_backward_op_checks_grad_out():
+    x, w, idx = torch.randn(2, 5, 8), torch.randn(8, 8), torch.randint(0, 3, (2, 5))
+    grad = torch.randn(2, 5, 4, 2)
+    expect(TypeError, lambda: ops._grouped_kv_proj_backward(grad.half(), x, w, idx, [1, 2, 4], 2),
+           "grad_out", "float|Float", "Half|float16")
+    expect(ValueError, lambda: ops._grouped_kv_proj_backward(grad[:, :4], x, w, idx, [1, 2, 4], 2),
+           "grad_out", r"\[2, 5, 4, 2\]", r"\[2, 4, 4, 2\]")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_nan_and_inf_inputs_are_documented_behaviour(impl, bad):
+    """NaN/Inf hidden states raise nothing: routing still gives every token one expert with the capacity
+    counts (NaN scores rank lowest). The non-finite values reach every output of their own sequence
+    (even queries before the token: attention masks by adding -inf to the scores, and NaN + -inf is NaN),
+    never another sequence of the batch; grouped_kv_pool keeps them within the token."""
+    torch.manual_seed(0)
+    layer = IMPLS[impl](32, 4, 4)
+    x = torch.randn(2, 10, 32)
+    x[0, 9] = bad
+    out, aux, expert_idx, target_idx = layer.forward_with_routing(x)
+    for b in range(2):
+        assert torch.equal(torch.bincount(expert_idx[b], minlength=3), torch.tensor([3, 1, 6]))
+    assert torch.isfinite(out[1]).all()
+    assert not torch.isfinite(out[0, 9]).all()
+    kv = torch.randn(1, 3, 4, 2)
+    kv[0, 1, 0, 0] = bad
+    pooled = ops.grouped_kv_pool(kv, torch.tensor([[2, 2, 2]]), [1, 2, 4])
+    assert torch.isfinite(pooled[0, [0, 2]]).all() and not torch.isfinite(pooled[0, 1]).all()
+
+
+def test_zero_width_rows_scatter_and_gather():
+    """Rows of zero bytes (x [N, 0]) are a no-op, not a memcpy from a null pointer (a fuzz finding)."""
+    perm = torch.tensor([2, 0, 1])
+    for fn in (ops.expert_scatter, ops.expert_gather):
+        assert fn(torch.empty(3, 0), perm).shape == (3, 0)

@@ -5,6 +5,7 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
+#include <torch/serialize/archive.h>
 #include <torch/types.h>
 
 #include <optional>
@@ -66,6 +67,12 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
   explicit MixSGAAttentionImpl(MixSGAAttentionOptions options);
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+
+  /// Writes parameters, buffers and every option (include/mixsga/checkpoint.h), so torch::save keeps them.
+  void save(torch::serialize::OutputArchive& archive) const override;
+  /// Reads what save() wrote; different options, or missing, extra or differently shaped tensors, are a
+  /// c10::ValueError naming the option or tensor with both values, and nothing is loaded.
+  void load(torch::serialize::InputArchive& archive) override;
 
   /// @param hidden_states  [B, L, D].
   /// @param attention_mask optional [B, L] 0/1 padding mask (1 = real token). Padded keys are never

@@ -4,6 +4,7 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
+#include <torch/serialize/archive.h>
 #include <torch/types.h>
 
 #include <optional>
@@ -33,6 +34,12 @@ class ExpertChoiceRouterImpl : public torch::nn::Cloneable<ExpertChoiceRouterImp
   explicit ExpertChoiceRouterImpl(ExpertChoiceRouterOptions options);
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+
+  /// Writes parameters, buffers and every option (include/mixsga/checkpoint.h), so torch::save keeps them.
+  void save(torch::serialize::OutputArchive& archive) const override;
+  /// Reads what save() wrote; different options, or missing, extra or differently shaped tensors, are a
+  /// c10::ValueError naming the option or tensor with both values, and nothing is loaded.
+  void load(torch::serialize::InputArchive& archive) override;
 
   /// Router logits x @ phi^T + beta: [*, D] -> [*, E].
   torch::Tensor forward(const torch::Tensor& x);

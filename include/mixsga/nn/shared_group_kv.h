@@ -5,6 +5,7 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
+#include <torch/serialize/archive.h>
 #include <torch/types.h>
 
 #include <tuple>
@@ -34,6 +35,12 @@ class SharedGroupKVImpl : public torch::nn::Cloneable<SharedGroupKVImpl> {
   explicit SharedGroupKVImpl(SharedGroupKVOptions options);
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+
+  /// Writes parameters, buffers and every option (include/mixsga/checkpoint.h), so torch::save keeps them.
+  void save(torch::serialize::OutputArchive& archive) const override;
+  /// Reads what save() wrote; different options, or missing, extra or differently shaped tensors, are a
+  /// c10::ValueError naming the option or tensor with both values, and nothing is loaded.
+  void load(torch::serialize::InputArchive& archive) override;
 
   /// @param x          [B, L, D].
   /// @param expert_idx [B, L] integer expert per token.

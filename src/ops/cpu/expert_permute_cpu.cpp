@@ -14,7 +14,7 @@ namespace mixsga::cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> expert_permutation_cpu(const at::Tensor& expert_idx, int64_t num_experts) {
-  TORCH_CHECK_VALUE(num_experts >= 1, fmt::format("num_experts: must be >= 1, got {}", num_experts));
+  detail::check_num_experts(num_experts);
   detail::check_expert_idx(expert_idx, expert_idx.sizes(), num_experts, expert_idx.device());
   const auto idx = expert_idx.to(at::kLong).contiguous();
   const int64_t n = idx.numel();
@@ -51,6 +51,7 @@ at::Tensor checked_permutation(const at::Tensor& x, const at::Tensor& permutatio
 template <typename DstOf, typename SrcOf>
 void copy_rows(const at::Tensor& in, at::Tensor& out, int64_t rows, DstOf dst_of, SrcOf src_of) {
   const int64_t row_bytes = rows == 0 ? 0 : in.numel() / rows * static_cast<int64_t>(in.element_size());
+  if (row_bytes == 0) return;  // empty rows: the data pointers may be null, and memcpy(nullptr, ..) is UB
   const auto* ip = static_cast<const char*>(in.const_data_ptr());
   auto* op = static_cast<char*>(out.mutable_data_ptr());
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, row_bytes));

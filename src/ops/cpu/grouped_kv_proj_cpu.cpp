@@ -87,9 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
     c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_grouped_kv_proj_args(x, weight, expert_idx, group_sizes, head_dim);
-  TORCH_CHECK_VALUE(grad_out.sizes().equals(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
-                    fmt::format("grad_out: expected shape {}, got {}", detail::shape_str(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
-                                detail::shape_str(grad_out.sizes())));
+  detail::check_grouped_kv_proj_grad_out(grad_out, x, s.heads, s.head_dim);
   // Every token belongs to exactly one expert (expert_idx is checked to be in range), so every row of
   // grad_x is written below: no need to zero it first.
   auto grad_x = at::empty({s.tokens, s.hidden}, x.options());

@@ -7,8 +7,9 @@ _mixsga_sanitize_dir="$(pwd)/tests/sanitize"
 # allocator_may_return_null=1: the fuzz harness asks for impossible sizes on purpose (2^50 elements);
 #   a normal build's allocator fails and torch raises c10::OutOfMemoryError, so ASan must fail the
 #   same way (return nullptr) instead of aborting the process.
-# detect_leaks=1 + suppressions=lsan.supp: leaks are checked, except the allocations torch makes once
-#   per process and never frees on purpose (see lsan.supp).
+# detect_leaks=1 + suppressions=lsan.supp: leaks are checked at exit. torch's process-lifetime
+#   allocations (operator registries, thread pools) stay reachable from globals, so LSan does not
+#   report them and lsan.supp is empty; it is where a suppression for one would go, with its reason.
 # abort_on_error=1 / halt_on_error=1: the first report ends the test, so ctest sees the failure.
 # detect_stack_use_after_return=0: it makes every instrumented frame allocate from a fake stack, which
 #   slows the gtests several times over for a check that adds little over the default heap checks here.

@@ -393,3 +393,20 @@ def test_fake_kernels_give_the_real_output_metadata():
             fake = fake if isinstance(fake, tuple) else (fake,)
             for r, f in zip(real, fake):
                 assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride()), name
+
+
+def test_grouped_kv_proj_under_autocast_computes_in_the_input_dtype():
+    # The kernel's inner GEMMs must not be recast by autocast (the output buffer has the input dtype).
+    x, w, b = torch.randn(2, 9, 16), torch.randn(4 * 8, 16), torch.randn(4 * 8)
+    idx = torch.randint(0, 3, (2, 9))
+    want = torch.ops.mixsga.grouped_kv_proj(x, w, b, idx, [1, 2, 4], 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.ops.mixsga.grouped_kv_proj(x, w, b, idx, [1, 2, 4], 8)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.ops.mixsga.grouped_kv_proj(xg, wg, None, idx, [1, 2, 4], 8).square().sum().backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.ops.mixsga.grouped_kv_proj(xr, wr, None, idx, [1, 2, 4], 8).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+    torch.testing.assert_close(wg.grad, wr.grad)

@@ -6,6 +6,7 @@
 // along the head axis, into the token's own output row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/accumulate.h>
 #include <fmt/format.h>
 #include <torch/library.h>
@@ -50,6 +51,9 @@ void scatter_repeated(const at::Tensor& compact, const at::Tensor& rows, bool id
 at::Tensor grouped_kv_proj_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_grouped_kv_proj_args(x, weight, expert_idx, group_sizes, head_dim);
+  // Under autocast the inner GEMMs would otherwise be recast to lower precision and disagree with
+  // the output buffer's dtype: the op computes in its inputs' dtype.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool has_bias = detail::check_grouped_kv_proj_bias(bias, x, weight);
   auto out = at::empty({s.tokens, s.heads, s.head_dim}, x.options());
   if (s.tokens == 0) return out.view(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim));
@@ -87,6 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
     c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_grouped_kv_proj_args(x, weight, expert_idx, group_sizes, head_dim);
+  // Under autocast the inner GEMMs would otherwise be recast to lower precision and disagree with
+  // the output buffer's dtype: the op computes in its inputs' dtype.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   detail::check_grouped_kv_proj_grad_out(grad_out, x, s.heads, s.head_dim);
   // Every token belongs to exactly one expert (expert_idx is checked to be in range), so every row of
   // grad_x is written below: no need to zero it first.

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/accumulate.h>
 #include <fmt/format.h>
@@ -112,6 +113,9 @@ ExpertBlocks expert_blocks(const at::Tensor& expert_idx, int64_t tokens, size_t 
 at::Tensor grouped_kv_proj_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const at::Tensor& expert_idx, c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
+  // Under autocast the inner GEMMs would otherwise be recast to lower precision and disagree with
+  // the output buffer's dtype: the op computes in its inputs' dtype.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool has_bias = detail::check_grouped_kv_proj_bias(bias, x, weight);
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({s.tokens, s.heads, s.head_dim}, x.options());
@@ -152,6 +156,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
     c10::IntArrayRef group_sizes, int64_t head_dim) {
   const auto s = check_proj_args(x, weight, expert_idx, group_sizes, head_dim);
+  // Under autocast the inner GEMMs would otherwise be recast to lower precision and disagree with
+  // the output buffer's dtype: the op computes in its inputs' dtype.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK_VALUE(grad_out.sizes().equals(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
                     fmt::format("grad_out: expected shape {}, got {}", detail::shape_str(detail::grouped_kv_proj_out_shape(x, s.heads, s.head_dim)),
                                 detail::shape_str(grad_out.sizes())));

@@ -1,0 +1,30 @@
+"""Continued pretraining with the mixSGA aux loss (METHOD.md; the paper's recipe at any scale).
+
+- ``TrainConfig`` and ``train(model, data, config, ...)``: AdamW(0.9, 0.95), cosine schedule with linear
+  warmup, gradient clipping, gradient accumulation, fp32 or bf16 autocast, the aux loss of every mixSGA
+  layer (``mixsga.hf.aux_loss``: alpha / N_layers summed over layers), tqdm progress, checkpoints written
+  atomically and resumed exactly, and DDP when launched by ``torchrun`` (gloo on CPU, nccl on GPU).
+- ``cosine_with_warmup``: the learning-rate multiplier.
+- ``TokenBlocks``: a token stream cut into fixed-length training blocks, split into train / held-out.
+- ``perplexity``: held-out perplexity of a causal LM.
+"""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import TokenBlocks
+from .distributed import DistributedContext, init_distributed
+from .evaluate import perplexity
+from .loop import TrainConfig, TrainResult, train
+from .schedule import cosine_with_warmup
+
+__all__ = [
+    "DistributedContext",
+    "TokenBlocks",
+    "TrainConfig",
+    "TrainResult",
+    "cosine_with_warmup",
+    "init_distributed",
+    "load_checkpoint",
+    "perplexity",
+    "save_checkpoint",
+    "train",
+]

@@ -45,10 +45,14 @@ test-sanitize: bootstrap
 	  ctest --test-dir $(SAN_BUILD) --output-on-failure -j $(JOBS)
 	@. tests/sanitize/env.sh && OMP_NUM_THREADS=1 $(SAN_BUILD)/tests/fuzz/mixsga_fuzz --seconds $(FUZZ_SECONDS)
 
+# The C++ examples, then the paper's protocol at laptop scale (examples/python/demo.py, ~10-15 min on
+# 2 cores the first time; the base model is cached in out/demo/cache). DEMO_ARGS=--quick for a smoke run.
 demo: build
 	@$(BUILD)/examples/cpp/mixsga_quickstart
 	@echo
 	@$(BUILD)/examples/cpp/mixsga_generate
+	@echo
+	@PYTHONPATH=$(CURDIR)/$(BUILD)/python $(PYTHON) examples/python/demo.py --out out/demo $(DEMO_ARGS)
 
 install: build
 	@cmake --install $(BUILD) --prefix $(or $(PREFIX),$(CURDIR)/$(BUILD)/_install)

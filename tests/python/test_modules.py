@@ -273,3 +273,23 @@ def test_default_positions_follow_the_padding():
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]).bool()
     assert default_positions(mask, 4, torch.device("cpu")).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
     assert default_positions(None, 3, torch.device("cpu")).tolist() == [0, 1, 2]
+
+
+def test_stacked_kv_weight_is_reused_without_autograd_and_follows_weight_updates():
+    from mixsga.nn.shared_group_kv import grouped_kv, stacked_kv_weight
+
+    k_proj, v_proj = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+    x, idx = torch.randn(2, 5, 16), torch.randint(0, 3, (2, 5))
+    with torch.no_grad():
+        first = stacked_kv_weight(k_proj, v_proj)
+        assert stacked_kv_weight(k_proj, v_proj)[0] is first[0]  # reused while the weights are unchanged
+        k_proj.weight.mul_(2.0)  # an in-place update (what optimizers and load_state_dict do)
+        second = stacked_kv_weight(k_proj, v_proj)
+        assert second[0] is not first[0]
+        torch.testing.assert_close(second[0], torch.cat((k_proj.weight, v_proj.weight)))
+        torch.testing.assert_close(second[1], torch.cat((k_proj.bias, v_proj.bias)))
+        k_nograd, v_nograd = grouped_kv(x, k_proj, v_proj, idx, (1, 2, 4), 8)
+    k_grad, v_grad = grouped_kv(x, k_proj, v_proj, idx, (1, 2, 4), 8)  # autograd on: a fresh, differentiable cat
+    assert k_grad.requires_grad
+    torch.testing.assert_close(k_grad.detach(), k_nograd)
+    torch.testing.assert_close(v_grad.detach(), v_nograd)

@@ -95,10 +95,30 @@ def grouped_kv(
     Returns:
         (K, V), each [B, L, Hkv, d], views (split on the head axis) of one [B, L, 2*Hkv, d] tensor.
     """
-    weight = torch.cat((k_proj.weight, v_proj.weight))
-    bias = None if k_proj.bias is None else torch.cat((k_proj.bias, v_proj.bias))
+    weight, bias = stacked_kv_weight(k_proj, v_proj)
     kv = torch.ops.mixsga.grouped_kv_proj(x, weight, bias, expert_idx, list(group_sizes), head_dim)
     heads = k_proj.weight.shape[0] // head_dim
     # split (not two narrows): its backward is one cat of the two gradients, not two zero-filled buffers.
     k, v = kv.split(heads, dim=-2)
     return k, v
+
+
+def stacked_kv_weight(k_proj: nn.Linear, v_proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([W_k; W_v] [2*Hkv*d, D], [b_k; b_v] or None).
+
+    With autograd on (training) or under torch.compile this is a fresh torch.cat, differentiable. Without
+    autograd (inference, decode) the concatenation is kept on v_proj and reused while both weights are
+    unchanged (same storage, same version counter): a decode step would otherwise copy both weights for
+    one token. In-place updates through ``.data`` bypass the version counter; call
+    ``v_proj.__dict__.pop("_mixsga_kv_stack", None)`` after such an edit.
+    """
+    params = [k_proj.weight, v_proj.weight] + ([] if k_proj.bias is None else [k_proj.bias, v_proj.bias])
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return torch.cat(params[:2]), (torch.cat(params[2:]) if len(params) == 4 else None)
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cached = v_proj.__dict__.get("_mixsga_kv_stack")
+    if cached is None or cached[0] != key:
+        stacked = (torch.cat(params[:2]), torch.cat(params[2:]) if len(params) == 4 else None)
+        cached = (key, stacked)
+        v_proj.__dict__["_mixsga_kv_stack"] = cached
+    return cached[1]

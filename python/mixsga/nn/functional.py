@@ -19,10 +19,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
     Returns:
         [B, L, H, d] in x's dtype.
     """
-    check_floating(x, "x")
-    if x.dim() != 4 or x.shape[-1] % 2 != 0:
-        raise ValueError(f"x: expected shape [B, L, H, d] with even d, got {shape_str(x.shape)}")
-    B, L, _, d = x.shape
+    B, L, d = _check_rope_input(x)
     if not (
         (positions.dim() == 1 and positions.shape[0] == L)
         or (positions.dim() == 2 and positions.shape[1] == L and positions.shape[0] in (B, 1))
@@ -30,10 +27,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
         raise ValueError(f"positions: expected shape [{B}, {L}] or [{L}], got {shape_str(positions.shape)}")
     if not theta > 0.0:
         raise ValueError(f"theta: must be > 0, got {theta}")
-    cos, sin = rope_angles(positions, d, theta, x.dtype, x.device)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, L, 1, d]
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+    return _rotate(x, *rope_angles(positions, d, theta, x.dtype, x.device))
 
 
 def rope_angles(
@@ -61,14 +55,24 @@ def apply_rope_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     Returns:
         [B, L, H, d] in x's dtype.
     """
-    check_floating(x, "x")
-    if x.dim() != 4 or x.shape[-1] % 2 != 0:
-        raise ValueError(f"x: expected shape [B, L, H, d] with even d, got {shape_str(x.shape)}")
-    B, L, _, d = x.shape
+    B, L, d = _check_rope_input(x)
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 3 or t.shape[1] != L or t.shape[2] != d or t.shape[0] not in (B, 1):
             raise ValueError(f"{name}: expected shape [{B}, {L}, {d}] or [1, {L}, {d}], got {shape_str(t.shape)}")
-    cos, sin = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)
+    return _rotate(x, cos, sin)
+
+
+def _check_rope_input(x: torch.Tensor) -> tuple[int, int, int]:
+    """Checks x [B, L, H, d] (floating, d even) -> (B, L, d)."""
+    check_floating(x, "x")
+    if x.dim() != 4 or x.shape[-1] % 2 != 0:
+        raise ValueError(f"x: expected shape [B, L, H, d] with even d, got {shape_str(x.shape)}")
+    return x.shape[0], x.shape[1], x.shape[3]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotate_half rotation of x [B, L, H, d] by cos/sin [B|1, L, d] (cast to x's dtype)."""
+    cos, sin = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)  # [B|1, L, 1, d]
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 

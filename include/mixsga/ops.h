@@ -101,4 +101,14 @@ at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t 
 /// Fraction of the base model's KV cache kept by a configuration: sum_e ratios[e] / group_sizes[e].
 double kv_fraction(c10::IntArrayRef group_sizes, c10::ArrayRef<double> ratios);
 
+/// Rotary position embedding (rotate_half convention of Hugging Face Llama) from precomputed angles,
+/// in one pass: y = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] over the two halves of d.
+///
+/// @param x         [B, L, H, d] floating, d even; rows of d must be contiguous or x is copied once.
+/// @param cos, sin  [B, L, d] or [1, L, d] (the same for every head), in x's dtype, on x's device.
+/// @param transpose apply the transposed rotation instead (the backward of the rotation). Default false.
+/// @return [B, L, H, d] contiguous, x's dtype. Differentiable in x (the angles must not require grad).
+///         CPU kernel only for now; mixsga::nn::apply_rope falls back to the composite form elsewhere.
+at::Tensor rope_rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose = false);
+
 }  // namespace mixsga::ops

@@ -192,6 +192,22 @@ def _hetero_decode_attention(
     return q.new_empty(q.shape)
 
 
+def _rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    check_floating(x, "x")
+    if x.dim() != 4 or x.shape[3] % 2 != 0:
+        raise ValueError(f"x: expected shape [B, L, H, d] with even d, got {shape_str(x.shape)}")
+    B, L, _, d = x.shape
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if t.dim() != 3 or t.shape[0] not in (B, 1) or t.shape[1] != L or t.shape[2] != d:
+            raise ValueError(f"{name}: expected shape [{B}, {L}, {d}] or [1, {L}, {d}], got {shape_str(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected the dtype of x ({x.dtype}), got {t.dtype}")
+        check_device(t, x.device, name)
+    if cos.shape[0] != sin.shape[0]:
+        raise ValueError(f"sin: expected the batch size of cos ({cos.shape[0]}), got {sin.shape[0]}")
+    return x.new_empty(x.shape)  # contiguous, like the kernel
+
+
 #: op name -> fake kernel. tests/python/test_ops.py checks that every op of the schema table has one.
 FAKE_KERNELS: dict[str, Callable[..., object]] = {
     "route_expert_choice": _route_expert_choice,
@@ -202,6 +218,7 @@ FAKE_KERNELS: dict[str, Callable[..., object]] = {
     "expert_scatter": _expert_scatter,
     "expert_gather": _expert_gather,
     "hetero_decode_attention": _hetero_decode_attention,
+    "rope_rotate": _rope_rotate,
 }
 
 

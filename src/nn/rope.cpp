@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "mixsga/ops.h"
 #include "ops/validation.h"
 
 namespace mixsga::nn {
@@ -27,8 +28,14 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double t
                             .reciprocal();
   const auto pos = (positions.dim() == 1 ? positions.unsqueeze(0) : positions).to(opts);
   const auto freqs = pos.unsqueeze(-1) * inv_freq;                  // [B|1, L, d/2]
-  const auto emb = at::cat({freqs, freqs}, -1).unsqueeze(2);        // [B|1, L, 1, d]
+  const auto emb = at::cat({freqs, freqs}, -1);                     // [B|1, L, d]
   const auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
+  // The fused one-pass kernel where there is one (CPU); the composite form is its reference.
+  if (x.device().is_cpu()) return ops::rope_rotate(x, cos, sin);
+  return rotate_half_reference(x, cos.unsqueeze(2), sin.unsqueeze(2));
+}
+
+at::Tensor rotate_half_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   const auto halves = x.chunk(2, -1);
   const auto rotated = at::cat({-halves[1], halves[0]}, -1);
   return x * cos + rotated * sin;

@@ -105,4 +105,12 @@ double kv_fraction(c10::IntArrayRef group_sizes, c10::ArrayRef<double> ratios) {
   return fraction;
 }
 
+at::Tensor rope_rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>("mixsga::rope_rotate");
+  require_defined(x, "x");
+  require_defined(cos, "cos");
+  require_defined(sin, "sin");
+  return op.call(x, cos, sin, transpose);
+}
+
 }  // namespace mixsga::ops

@@ -21,6 +21,10 @@ TORCH_LIBRARY(mixsga, m) {
   // Rows back to token order: out[permutation[i]] = x[i].
   m.def("expert_gather(Tensor x, Tensor permutation) -> Tensor");
   // One decode query per sequence vs per-expert compact pools, merged by log-sum-exp: q [B,Hq,d] -> [B,Hq,d].
+  // Rotary position embedding, rotate_half convention, from precomputed angles: x [B,L,H,d], cos/sin
+  // [B|1,L,d] in x's dtype -> [B,L,H,d] contiguous. transpose=True applies the transposed rotation (the
+  // backward). Differentiable in x only.
+  m.def("rope_rotate(Tensor x, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
   m.def("hetero_decode_attention(Tensor q, Tensor[] k_pools, Tensor[] v_pools, Tensor lengths, int num_kv_heads, "
         "float? scale=None) -> Tensor");
 }

@@ -198,4 +198,24 @@ void check_permutation_args(const at::Tensor& x, const at::Tensor& permutation) 
                                 shape_str(permutation.sizes())));
 }
 
+void check_rope_rotate_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_floating(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(3) % 2 == 0,
+                    fmt::format("x: expected shape [B, L, H, d] with even d, got {}", shape_str(x.sizes())));
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(3);
+  for (const auto& [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    TORCH_CHECK_VALUE(t->defined(), fmt::format("{}: expected a tensor, got an undefined one", name));
+    TORCH_CHECK_VALUE(t->dim() == 3 && (t->size(0) == B || t->size(0) == 1) && t->size(1) == L && t->size(2) == d,
+                      fmt::format("{}: expected shape [{}, {}, {}] or [1, {}, {}], got {}", name, B, L, d, L, d,
+                                  shape_str(t->sizes())));
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), fmt::format("{}: expected the dtype of x ({}), got {}", name,
+                                                                      c10::toString(x.scalar_type()),
+                                                                      c10::toString(t->scalar_type())));
+    TORCH_CHECK_VALUE(t->device() == x.device(),
+                      fmt::format("{}: expected the device of x ({}), got {}", name, x.device().str(), t->device().str()));
+  }
+  TORCH_CHECK_VALUE(cos.size(0) == sin.size(0), fmt::format("sin: expected the batch size of cos ({}), got {}",
+                                                            cos.size(0), sin.size(0)));
+}
+
 }  // namespace mixsga::detail

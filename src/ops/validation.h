@@ -66,6 +66,10 @@ std::vector<int64_t> grouped_kv_proj_out_shape(const at::Tensor& x, int64_t head
 /// checked by each backend).
 void check_permutation_args(const at::Tensor& x, const at::Tensor& permutation);
 
+/// rope_rotate's arguments: x [B, L, H, d] floating with even d; cos and sin [B|1, L, d] in x's dtype
+/// and on its device.
+void check_rope_rotate_args(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
 /// Formats a shape as "[2, 3, 4]".
 std::string shape_str(c10::IntArrayRef shape);
 

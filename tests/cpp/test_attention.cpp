@@ -33,6 +33,23 @@ torch::Tensor agreement(ExpertChoiceRouter& router, const torch::Tensor& x) {
 
 // ---- METHOD.md identities -----------------------------------------------------------------------
 
+// The fused CPU RoPE (ops::rope_rotate) against the composite form, with angles whose halves differ,
+// on a strided view; its transpose is the adjoint; apply_rope matches the per-element reference.
+TEST(Rope, FusedRotationMatchesTheCompositeAndItsTransposeIsTheAdjoint) {
+  torch::manual_seed(0);
+  const auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  const auto x = torch::randn({2, 6, 10, 8}, opts).split(5, 2)[1];  // a head-axis view, like k and v
+  const auto c = torch::randn({2, 6, 8}, opts), s = torch::randn({2, 6, 8}, opts);
+  const auto fused = mixsga::ops::rope_rotate(x, c, s);
+  EXPECT_TRUE(torch::allclose(fused, rotate_half_reference(x, c.unsqueeze(2), s.unsqueeze(2)), 0.0, 1e-14));
+  const auto y = torch::randn_like(fused);
+  const auto lhs = (fused * y).sum().item<double>();
+  const auto rhs = (x * mixsga::ops::rope_rotate(y, c, s, /*transpose=*/true)).sum().item<double>();
+  EXPECT_NEAR(lhs, rhs, 1e-12);
+  const std::vector<int64_t> positions{0, 3, 4, 9, 10, 200};
+  EXPECT_TRUE(torch::allclose(apply_rope(x, torch::tensor(positions), 1e4), reference_rope(x, positions, 1e4), 0.0, 1e-12));
+}
+
 TEST(MixSGAIdentities, RatiosOneZeroZeroIsTheOriginalAttention) {
   torch::manual_seed(0);
   auto layer = make_layer({1, 0, 0});

@@ -779,6 +779,18 @@ TEST(BadInput, ApplyRopeRejectsBadInput) {
   expect_unchanged(before, {x, pos});
 }
 
+TEST(BadInput, RopeRotateRejectsBadInput) {
+  const auto x = torch::rand({2, 5, 4, 8});
+  const auto c = torch::rand({1, 5, 8}), s = torch::rand({1, 5, 8});
+  const auto before = snapshot({x, c, s});
+  expect_error<c10::ValueError>([&] { ops::rope_rotate(torch::rand({5, 4, 8}), c, s); }, {"x", "[B, L, H, d]", "got [5, 4, 8]"});
+  expect_error<c10::ValueError>([&] { ops::rope_rotate(x, torch::rand({1, 4, 8}), s); }, {"cos", "[1, 5, 8]", "got [1, 4, 8]"});
+  expect_error<c10::TypeError>([&] { ops::rope_rotate(x, c, s.to(torch::kDouble)); }, {"sin", "dtype of x", "Double"});
+  expect_error<c10::ValueError>([&] { ops::rope_rotate(x, c, torch::Tensor()); }, {"sin", "undefined"});
+  expect_error<c10::ValueError>([&] { ops::rope_rotate(x, c.requires_grad_(true), s); }, {"cos", "must not require grad"});
+  expect_unchanged(before, {x, c.detach(), s});
+}
+
 // =============================================================================================
 // ops::hetero_decode_attention
 // =============================================================================================

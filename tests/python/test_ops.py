@@ -338,6 +338,13 @@ def opcheck_samples() -> dict[str, list[tuple]]:
             (torch.randn(0, 2), torch.zeros(0, dtype=torch.long)),
         ],
     }
+    cos, sin = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
+    samples["rope_rotate"] = [
+        (torch.randn(2, 5, 3, 4), cos, sin, False),
+        (torch.randn(2, 5, 3, 4, requires_grad=True), torch.randn(2, 5, 4), torch.randn(2, 5, 4), True),
+        (torch.randn(2, 5, 6, 4).split(3, dim=2)[1], cos, sin, False),  # strided heads (k/v views)
+        (torch.randn(0, 5, 3, 4), cos, sin, False),
+    ]
     if hasattr(ops, "hetero_decode_attention"):
         q, k, v, lengths, Hkv = decode_inputs()
         samples["hetero_decode_attention"] = [

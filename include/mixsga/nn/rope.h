@@ -14,4 +14,10 @@ namespace mixsga::nn {
 /// @return [B, L, H, d] in x's dtype.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta = 10000.0);
 
+/// x * cos + rotate_half(x) * sin in plain ATen ops: what the fused mixsga::ops::rope_rotate computes
+/// (apply_rope uses it off CPU; tests use it as the reference).
+/// @param x        [B, L, H, d] (d even).
+/// @param cos, sin broadcastable to x, e.g. [B|1, L, 1, d], in x's dtype.
+at::Tensor rotate_half_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
 }  // namespace mixsga::nn

@@ -71,8 +71,20 @@ def _check_rope_input(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotate_half rotation of x [B, L, H, d] by cos/sin [B|1, L, d] (cast to x's dtype)."""
-    cos, sin = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)  # [B|1, L, 1, d]
+    """The rotate_half rotation of x [B, L, H, d] by cos/sin [B|1, L, d] (cast to x's dtype).
+
+    On CPU this is the fused ``torch.ops.mixsga.rope_rotate`` (one pass over x, differentiable in x);
+    elsewhere, or when the angles require grad, the composite form below (the reference it is tested
+    against)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if x.device.type == "cpu" and not (cos.requires_grad or sin.requires_grad) and cos.device.type == "cpu":
+        return torch.ops.mixsga.rope_rotate(x, cos, sin)
+    return rotate_reference(x, cos, sin)
+
+
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin in plain PyTorch: x [B, L, H, d], cos/sin [B|1, L, d] in x's dtype."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B|1, L, 1, d]
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 

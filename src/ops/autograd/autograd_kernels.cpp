@@ -104,6 +104,31 @@ class ExpertGatherFunction : public torch::autograd::Function<ExpertGatherFuncti
   }
 };
 
+// RoPE is an orthogonal map per (token, head) row when cos^2 + sin^2 = 1, but the backward does not
+// rely on it: it applies the exact transpose, so any angles (scaled variants) differentiate correctly.
+class RopeRotateFunction : public torch::autograd::Function<RopeRotateFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            bool transpose) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["transpose"] = transpose;
+    return ops::rope_rotate(x, cos, sin, transpose);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    const bool transpose = ctx->saved_data["transpose"].toBool();
+    return {ops::rope_rotate(grad[0], saved[0], saved[1], !transpose), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor rope_rotate_autograd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose) {
+  TORCH_CHECK_VALUE(!(cos.defined() && cos.requires_grad()) && !(sin.defined() && sin.requires_grad()),
+                    "cos: rope_rotate differentiates x only; the angles (cos, sin) must not require grad "
+                    "(rotate with the composite x * cos + rotate_half(x) * sin to train them)");
+  return RopeRotateFunction::apply(x, cos, sin, transpose);
+}
+
 at::Tensor grouped_kv_pool_autograd(const at::Tensor& kv, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes) {
   return GroupedKVPoolFunction::apply(kv, expert_idx, group_sizes);
 }
@@ -151,6 +176,7 @@ TORCH_LIBRARY_IMPL(mixsga, Autograd, m) {
   m.impl("route_expert_choice", &route_expert_choice_autograd);
   m.impl("expert_permutation", &expert_permutation_autograd);
   m.impl("hetero_decode_attention", &hetero_decode_attention_autograd);
+  m.impl("rope_rotate", &rope_rotate_autograd);
 }
 
 }  // namespace mixsga::autograd

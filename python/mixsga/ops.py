@@ -3,7 +3,7 @@
 Shapes use: B batch, L sequence, E experts, Hkv base KV heads, d head dim, D hidden size, N tokens.
 All ops run on CPU (and on CUDA when the library was built with it); all are traceable by torch.compile
 (fake kernels in mixsga._fake_kernels). Differentiable: grouped_kv_pool, grouped_kv_proj, expert_scatter,
-expert_gather (autograd implemented in C++).
+expert_gather, rope_rotate (autograd implemented in C++).
 """
 
 from __future__ import annotations
@@ -112,3 +112,18 @@ def hetero_decode_attention(
         [B, Hq, d] in q's dtype (zeros for a sequence with no cached token).
     """
     return torch.ops.mixsga.hetero_decode_attention(q, list(k_pools), list(v_pools), lengths, int(num_kv_heads), scale)
+
+
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Rotary position embedding (Hugging Face Llama's rotate_half convention) from precomputed angles,
+    in one pass: x * cos + rotate_half(x) * sin. CPU kernel (``mixsga.nn.apply_rope`` uses the
+    composite form on other devices).
+
+    Args:
+        x: [B, L, H, d] floating, d even (rows of d contiguous, or x is copied once).
+        cos, sin: [B, L, d] or [1, L, d] in x's dtype (the same angles for every head); must not require grad.
+        transpose: apply the transposed rotation (what the backward does). Default False.
+    Returns:
+        [B, L, H, d] contiguous, x's dtype. Differentiable in x.
+    """
+    return torch.ops.mixsga.rope_rotate(x, cos, sin, bool(transpose))

@@ -22,7 +22,7 @@ from .._checks import (
 from .._kv_fraction import kv_fraction
 from .functional import apply_rope_cos_sin, default_positions, padding_attention_mask, rope_angles
 from .router import ExpertChoiceRouter
-from .shared_group_kv import grouped_kv
+from .shared_group_kv import grouped_kv, single_token_kv
 
 
 class MixSGAOutput(NamedTuple):
@@ -359,7 +359,10 @@ class MixSGAAttention(nn.Module):
         Hq, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         groups = list(self.group_sizes)
         # Each token's K/V under its own expert (pooled weights), repeated back to Hkv heads.
-        k, v = grouped_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)
+        if B == 1 and L == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            k, v = single_token_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)  # decode, one sequence
+        else:
+            k, v = grouped_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)
         q = self.q_proj(x).view(B, L, Hq, d)
         if rope is None:  # the layer's own plain RoPE; angles computed once for q and k
             rope = rope_angles(positions, d, self.rope_theta, x.dtype, x.device)

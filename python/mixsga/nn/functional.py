@@ -37,11 +37,28 @@ def rope_angles(
     [B|1, L]): what apply_rope rotates with, for apply_rope_cos_sin (compute once, rotate q and k).
     Angles in float32 (float64 for float64 ``dtype``), then cast."""
     angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = torch.pow(theta, torch.arange(0, head_dim, 2, device=device).to(angle_dtype) / float(head_dim)).reciprocal()
+    inv_freq = _inv_freq(head_dim, float(theta), angle_dtype, torch.device(device))
     pos = (positions.unsqueeze(0) if positions.dim() == 1 else positions).to(device=device, dtype=angle_dtype)
     freqs = pos.unsqueeze(-1) * inv_freq  # [B|1, L, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B|1, L, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def _inv_freq(head_dim: int, theta: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """theta^(-2i/d), i < d/2. Eager calls reuse one tensor per (d, theta, dtype, device): a decode step
+    would otherwise spend four ops on it per layer. Traced calls compute it in the graph."""
+    if torch.compiler.is_compiling():
+        return torch.pow(theta, torch.arange(0, head_dim, 2, device=device).to(dtype) / float(head_dim)).reciprocal()
+    key = (head_dim, theta, dtype, device)
+    cached = _INV_FREQ.get(key)
+    if cached is None:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = torch.pow(theta, torch.arange(0, head_dim, 2, device=device).to(dtype) / float(head_dim)).reciprocal()
+        _INV_FREQ[key] = cached
+    return cached
 
 
 def apply_rope_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

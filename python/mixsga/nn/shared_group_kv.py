@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_group_sizes, check_positive
@@ -110,7 +111,7 @@ def stacked_kv_weight(k_proj: nn.Linear, v_proj: nn.Linear) -> tuple[torch.Tenso
     autograd (inference, decode) the concatenation is kept on v_proj and reused while both weights are
     unchanged (same storage, same version counter): a decode step would otherwise copy both weights for
     one token. In-place updates through ``.data`` bypass the version counter; call
-    ``v_proj.__dict__.pop("_mixsga_kv_stack", None)`` after such an edit.
+    ``clear_kv_weight_cache(v_proj)`` after such an edit.
     """
     params = [k_proj.weight, v_proj.weight] + ([] if k_proj.bias is None else [k_proj.bias, v_proj.bias])
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -121,4 +122,50 @@ def stacked_kv_weight(k_proj: nn.Linear, v_proj: nn.Linear) -> tuple[torch.Tenso
         stacked = (torch.cat(params[:2]), torch.cat(params[2:]) if len(params) == 4 else None)
         cached = (key, stacked)
         v_proj.__dict__["_mixsga_kv_stack"] = cached
+    return cached[1]
+
+
+def clear_kv_weight_cache(v_proj: nn.Linear) -> None:
+    """Drops the stacked and pooled K/V weights kept for inference on ``v_proj`` (needed only after an
+    in-place edit through ``.data``, which the version counter does not see)."""
+    v_proj.__dict__.pop("_mixsga_kv_stack", None)
+    v_proj.__dict__.pop("_mixsga_kv_pooled", None)
+
+
+def single_token_kv(
+    x: torch.Tensor,
+    k_proj: nn.Linear,
+    v_proj: nn.Linear,
+    expert_idx: torch.Tensor,
+    group_sizes: Sequence[int],
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grouped_kv for one token (x [1, 1, D], expert_idx [1, 1]) without autograd: the decode step of a
+    single sequence. It projects with the token's own expert's pooled [W_k; W_v] (kept between calls
+    like stacked_kv_weight), so it reads (Hkv/g)/Hkv of the weights, where grouped_kv reads all of them
+    (projects, then pools). Same result up to rounding; returns (K, V), each [1, 1, Hkv, d]."""
+    heads = k_proj.weight.shape[0] // head_dim
+    e = int(expert_idx.reshape(-1)[0])
+    weight, bias = _pooled_kv_weights(k_proj, v_proj, group_sizes, head_dim)[e]
+    g = group_sizes[e]
+    kv = F.linear(x, weight, bias).view(1, 1, 2 * heads // g, head_dim)
+    if g > 1:
+        kv = kv.repeat_interleave(g, dim=2)  # pooled heads back to Hkv (groups never straddle K and V)
+    k, v = kv.split(heads, dim=-2)
+    return k, v
+
+
+def _pooled_kv_weights(
+    k_proj: nn.Linear, v_proj: nn.Linear, group_sizes: Sequence[int], head_dim: int
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """[(pooled [W_k; W_v], pooled [b_k; b_v] or None) per expert], cached on v_proj under the same key
+    as stacked_kv_weight (storage, version counter) plus the group sizes."""
+    weight, bias = stacked_kv_weight(k_proj, v_proj)
+    key = (v_proj.__dict__["_mixsga_kv_stack"][0], tuple(group_sizes), head_dim)
+    cached = v_proj.__dict__.get("_mixsga_kv_pooled")
+    if cached is None or cached[0] != key:
+        pooled = [(pool_kv_weight(weight, g, head_dim).contiguous(),
+                   None if bias is None else pool_kv_weight(bias, g, head_dim).contiguous()) for g in group_sizes]
+        cached = (key, pooled)
+        v_proj.__dict__["_mixsga_kv_pooled"] = cached
     return cached[1]

@@ -243,6 +243,31 @@ def test_hetero_decode_attention_matches_reference(dtype):
     torch.testing.assert_close(scaled.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(ops, "hetero_decode_attention"), reason="library built without the KV cache ops")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_hetero_decode_attention_splits_long_pools_and_merges_them_exactly(dtype):
+    """Long pools are cut into token ranges (split-K) merged by log-sum-exp: same answer as the
+    reference, and bitwise the same on 1 and 2 threads (the split does not depend on the thread count)."""
+    torch.manual_seed(3)
+    q, k, v, lengths, Hkv = decode_inputs(dtype, B=2, Hq=16, Hkv=8, d=64, T=(700, 130, 1500))
+    lengths[0] = torch.tensor([700, 3, 1])  # uneven pools, one nearly empty
+    lengths[1] = torch.tensor([0, 130, 1499])
+    # One strongly preferred key late in a long pool: a wrong merge of the ranges would miss it.
+    k[2][1, :, 1400] = 4.0 * q[1, :8].reshape(2, 4, 64).mean(1).to(dtype)
+    want = ref.hetero_decode_attention(q, k, v, lengths, Hkv)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.hetero_decode_attention(q, k, v, lengths, Hkv)
+        torch.set_num_threads(2)
+        two = ops.hetero_decode_attention(q, k, v, lengths, Hkv)
+    finally:
+        torch.set_num_threads(threads)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(one.double(), want, rtol=tol, atol=tol)
+    assert torch.equal(one, two)
+
+
 # --------------------------------------------------------------------------------------------------
 # Gradients: float64 gradcheck of every differentiable op
 # --------------------------------------------------------------------------------------------------

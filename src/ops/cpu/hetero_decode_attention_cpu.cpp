@@ -1,9 +1,10 @@
 // CPU kernel of hetero_decode_attention: one query per sequence against per-expert compact K/V pools.
 //
-// Work item = (sequence b, expert e, compact KV head c): it streams that head's cached keys/values
-// once for every query head that maps onto it (g_e * Hq/Hkv heads), keeping a running softmax
-// (max, sum, weighted V) per query head in float32 (float64 for float64 inputs). A second pass merges the per-expert partials of
-// each (b, head) by log-sum-exp. The expanded K/V are never formed: each cached byte is read once.
+// Work item = (sequence b, expert e, compact KV head c, a range of its tokens): it streams those
+// cached keys/values once for every query head that maps onto the head (g_e * Hq/Hkv heads), keeping a
+// running softmax (max, sum, weighted V) per query head in float32 (float64 for float64 inputs). A
+// second pass merges the partials of each (b, head) over experts and token ranges by log-sum-exp. The
+// expanded K/V are never formed: each cached byte is read once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,9 +12,11 @@
 #include <fmt/format.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops/decode_attention_checks.h"
@@ -23,6 +26,7 @@ namespace {
 
 constexpr int64_t kBlock = 64;     // tokens scored together before their V rows are accumulated
 constexpr int64_t kMaxHeads = 64;  // query heads per work item (more are split into several items)
+constexpr int64_t kSplits = 32;    // about this many equal work items per call (enough for 16+ threads)
 
 }  // namespace
 
@@ -176,27 +180,48 @@ at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_poo
   const auto len = lengths.to(at::kCPU, at::kLong).contiguous();
   const int64_t* lp = len.const_data_ptr<int64_t>();
 
-  // Partial softmax state per (expert, b, query head), in float32 (float64 for float64 inputs).
-  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto part_m = at::full({E, B, Hq}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_dtype));
-  auto part_l = at::zeros({E, B, Hq}, q.options().dtype(acc_dtype));
-  auto part_acc = at::zeros({E, B, Hq, d}, q.options().dtype(acc_dtype));
-  const auto qc = q.contiguous();
-
-  // Work items: (b, e, c, head chunk) with at most kMaxHeads query heads each.
-  struct Item { int64_t b, e, c, h0, nh; };
+  // Work items: (b, e, c, head chunk of at most kMaxHeads query heads, token range). A pool's tokens
+  // are split into ranges so that every item costs about the same (tokens x query heads): a coarse
+  // pool serves more query heads per cached token, so its ranges are shorter. Equal items let the
+  // contiguous split of at::parallel_for balance the threads, and a single long sequence still uses
+  // every core (split-K, as flash-decoding does); the partials are merged by log-sum-exp below.
+  struct Item { int64_t b, e, c, h0, nh, t0, t1, slot; };  // slot: first row of its partial state
+  int64_t total_work = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t e = 0; e < E; ++e) total_work += lp[b * E + e] * Hq;  // every query head sees every token
+  // About kSplits items in all, whatever the thread count: the split (hence the rounding of the merge)
+  // must not depend on it, so results are bitwise the same on 1 or N threads.
+  const int64_t target_work = std::max<int64_t>(kBlock * 8, total_work / kSplits);
   std::vector<Item> items;
+  // first[(b * E + e) * Hq + h] = (first item covering query head h of (b, e), number of token ranges)
+  std::vector<std::pair<int64_t, int64_t>> first(B * E * Hq, {-1, 0});
+  int64_t rows = 0;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t e = 0; e < E; ++e) {
-      if (lp[b * E + e] == 0) continue;
+      const int64_t n = lp[b * E + e];
+      if (n == 0) continue;
       const int64_t g = num_kv_heads / k_pools[e].size(1), per_head = g * rep;
       for (int64_t c = 0; c < k_pools[e].size(1); ++c) {
         for (int64_t off = 0; off < per_head; off += kMaxHeads) {
-          items.push_back({b, e, c, c * per_head + off, std::min<int64_t>(kMaxHeads, per_head - off)});
+          const int64_t nh = std::min<int64_t>(kMaxHeads, per_head - off), h0 = c * per_head + off;
+          const int64_t span = std::max<int64_t>(kBlock, (target_work / nh + kBlock - 1) / kBlock * kBlock);
+          const int64_t ranges = (n + span - 1) / span;
+          for (int64_t j = 0; j < nh; ++j) first[(b * E + e) * Hq + h0 + j] = {static_cast<int64_t>(items.size()), ranges};
+          for (int64_t t0 = 0; t0 < n; t0 += span) {
+            items.push_back({b, e, c, h0, nh, t0, std::min(n, t0 + span), rows});
+            rows += nh;
+          }
         }
       }
     }
   }
+
+  // Partial softmax state per (item, query head), in float32 (float64 for float64 inputs).
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto part_m = at::full({rows}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_dtype));
+  auto part_l = at::zeros({rows}, q.options().dtype(acc_dtype));
+  auto part_acc = at::zeros({rows, d}, q.options().dtype(acc_dtype));
+  const auto qc = q.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "hetero_decode_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -214,28 +239,34 @@ at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_poo
         for (int64_t j = 0; j < it.nh; ++j)
           for (int64_t i = 0; i < d; ++i)
             qf[j * d + i] = static_cast<acc_t>(qp[(it.b * Hq + it.h0 + j) * d + i]) * static_cast<acc_t>(softmax_scale);
-        const scalar_t* kp = K.const_data_ptr<scalar_t>() + it.b * K.stride(0) + it.c * K.stride(1);
-        const scalar_t* vp = V.const_data_ptr<scalar_t>() + it.b * V.stride(0) + it.c * V.stride(1);
-        const int64_t base = (it.e * B + it.b) * Hq + it.h0;
-        attend_pool<scalar_t>(qf.data(), it.nh, d, kp, vp, lp[it.b * E + it.e], K.stride(2), V.stride(2), mp + base,
-                              lsum + base, ap + base * d, kbuf, vbuf);
+        const scalar_t* kp = K.const_data_ptr<scalar_t>() + it.b * K.stride(0) + it.c * K.stride(1) + it.t0 * K.stride(2);
+        const scalar_t* vp = V.const_data_ptr<scalar_t>() + it.b * V.stride(0) + it.c * V.stride(1) + it.t0 * V.stride(2);
+        attend_pool<scalar_t>(qf.data(), it.nh, d, kp, vp, it.t1 - it.t0, K.stride(2), V.stride(2), mp + it.slot,
+                              lsum + it.slot, ap + it.slot * d, kbuf, vbuf);
       }
     });
-    // Merge the experts' partials by log-sum-exp.
+    // Merge the partials of every (b, query head) over experts and token ranges by log-sum-exp.
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * Hq, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
+      std::vector<int64_t> parts;
       for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hq, h = bh % Hq;
+        parts.clear();
+        for (int64_t e = 0; e < E; ++e) {
+          const auto [item, ranges] = first[(b * E + e) * Hq + h];
+          for (int64_t r = 0; r < ranges; ++r) parts.push_back(items[item + r].slot + (h - items[item + r].h0));
+        }
         acc_t M = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t e = 0; e < E; ++e) M = std::max(M, mp[e * B * Hq + bh]);
+        for (const int64_t row : parts) M = std::max(M, mp[row]);
         std::fill(acc.begin(), acc.end(), acc_t(0));
         acc_t denom = 0;
         if (M != -std::numeric_limits<acc_t>::infinity()) {
-          for (int64_t e = 0; e < E; ++e) {
-            const acc_t w = std::exp(mp[e * B * Hq + bh] - M);
+          for (const int64_t row : parts) {
+            const acc_t w = std::exp(mp[row] - M);
             if (w == 0) continue;
-            denom += w * lsum[e * B * Hq + bh];
-            const acc_t* a = ap + (e * B * Hq + bh) * d;
+            denom += w * lsum[row];
+            const acc_t* a = ap + row * d;
             for (int64_t i = 0; i < d; ++i) acc[i] += w * a[i];
           }
         }

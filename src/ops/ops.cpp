@@ -95,8 +95,11 @@ at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t 
   std::vector<int64_t> pooled{heads / group_size * head_dim};
   pooled.insert(pooled.end(), rest.begin(), rest.end());
   const auto groups = weight.reshape(grouped);
-  if (weight.scalar_type() != at::kFloat && weight.scalar_type() != at::kDouble) {
-    return groups.mean(1).reshape(pooled);  // bf16 / fp16: mean accumulates in float, rounds once
+  // bf16 / fp16: mean accumulates in float and rounds once. Large groups (and empty weights, where any
+  // group size divides 0 heads; found by tests/fuzz: g ~ 2^60 meant 2^60 adds): one reduction.
+  if ((weight.scalar_type() != at::kFloat && weight.scalar_type() != at::kDouble) || group_size > 8 ||
+      weight.numel() == 0) {
+    return groups.mean(1).reshape(pooled);
   }
   // Sum of g contiguous slices, then / g: the same arithmetic as mean (a sum, then a division), but
   // it streams the weight once; mean's reduction over a strided middle dim was ~2.7x slower.

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -27,6 +28,7 @@ namespace {
 constexpr int64_t kBlock = 64;     // tokens scored together before their V rows are accumulated
 constexpr int64_t kMaxHeads = 64;  // query heads per work item (more are split into several items)
 constexpr int64_t kSplits = 32;    // about this many equal work items per call (enough for 16+ threads)
+constexpr int64_t kMinItemWork = 4096;  // tokens x query heads: below this, splitting costs more than it saves
 
 }  // namespace
 
@@ -191,7 +193,7 @@ at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_poo
     for (int64_t e = 0; e < E; ++e) total_work += lp[b * E + e] * Hq;  // every query head sees every token
   // About kSplits items in all, whatever the thread count: the split (hence the rounding of the merge)
   // must not depend on it, so results are bitwise the same on 1 or N threads.
-  const int64_t target_work = std::max<int64_t>(kBlock * 8, total_work / kSplits);
+  const int64_t target_work = std::max<int64_t>(kMinItemWork, total_work / kSplits);
   std::vector<Item> items;
   // first[(b * E + e) * Hq + h] = (first item covering query head h of (b, e), number of token ranges)
   std::vector<std::pair<int64_t, int64_t>> first(B * E * Hq, {-1, 0});
@@ -229,11 +231,21 @@ at::Tensor hetero_decode_attention_cpu(const at::Tensor& q, at::TensorList k_poo
     acc_t* mp = part_m.mutable_data_ptr<acc_t>();
     acc_t* lsum = part_l.mutable_data_ptr<acc_t>();
     acc_t* ap = part_acc.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    // Items are pulled from a shared counter, largest first (the longest-processing-time rule): a
+    // static contiguous split would give one thread all the cheap items of the fine pools. The order
+    // only schedules; every item writes its own partial rows, so results do not depend on it.
+    std::vector<int64_t> order(items.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return (items[a].t1 - items[a].t0) * items[a].nh > (items[b].t1 - items[b].t0) * items[b].nh;
+    });
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
       std::vector<acc_t> qf(kMaxHeads * d);
       std::vector<float> kbuf(kBlock * d), vbuf(kBlock * d);
-      for (int64_t w = begin; w < end; ++w) {
-        const auto& it = items[w];
+      for (int64_t w; (w = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
+        const auto& it = items[order[w]];
         const auto& K = k_pools[it.e];
         const auto& V = v_pools[it.e];
         for (int64_t j = 0; j < it.nh; ++j)

@@ -20,7 +20,7 @@ import torch
 
 from mixsga import hf
 from mixsga.train import TrainConfig, init_distributed, perplexity, train
-from mixsga.train.corpus import load_corpus, split_texts, train_tokenizer
+from mixsga_demo.corpus import load_corpus, split_texts, train_tokenizer
 from mixsga.train.data import TokenBlocks
 
 
@@ -37,27 +37,35 @@ def _ratios(text: str):
     return values
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows every option's default."""
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/train", help="folder for the tokenizer and checkpoint (default out/train)")
-    p.add_argument("--ratios", type=_ratios, default=(0.3, 0.1, 0.6), help="capacity ratios over (1,2,4) or 'gqa'")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per micro-batch per rank (default 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--aux-alpha", type=float, default=0.1, help="aux-loss weight alpha (default 0.1)")
-    p.add_argument("--aux-loss", choices=("sigmoid_ce", "logit_ce", "bce"), default="sigmoid_ce")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--out", default="out/train", help="folder for the tokenizer and checkpoint")
+    p.add_argument("--ratios", type=_ratios, default=(0.3, 0.1, 0.6),
+                   help="capacity ratios over group sizes (1,2,4), or 'gqa' for the static GQA baseline (2 KV heads)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per micro-batch per rank")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast forward")
+    p.add_argument("--aux-alpha", type=float, default=0.1, help="aux-loss weight alpha")
+    p.add_argument("--aux-loss", choices=("sigmoid_ce", "logit_ce", "bce"), default="sigmoid_ce",
+                   help="router aux loss")
     p.add_argument("--base", default=None, help="state dict of a LlamaForCausalLM with these sizes (optional)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--block", type=int, default=128, help="tokens per training block (default 128)")
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--hidden", type=int, default=256, help="model width (8 query heads, 4 KV heads)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--block", type=int, default=128, help="tokens per training block")
+    p.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary trained on the corpus")
+    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between progress lines when stdout is not a terminal (a terminal shows a bar)")
     p.add_argument("--max-chars", type=int, default=None, help="use only this many corpus characters")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     args = p.parse_args()
-    for name in ("steps", "batch_size", "grad_accum", "hidden", "layers", "block", "vocab", "threads"):
+    for name in ("steps", "batch_size", "grad_accum", "hidden", "layers", "block", "vocab", "threads", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.hidden % 8:
@@ -93,9 +101,16 @@ def main() -> int:
     else:
         hf.convert(model, group_sizes=(1, 2, 4), ratios=args.ratios, aux_alpha=args.aux_alpha, aux_loss=args.aux_loss)
 
+    if ctx.is_main:  # the run's model at the top of the log (the loop's first line adds the training settings)
+        budget = 100 * hf.kv_fraction(model) if args.ratios != "gqa" else 100 * 2 / 4
+        layout = "static GQA baseline, 2 of 4 KV heads" if args.ratios == "gqa" else (
+            f"mixSGA ratios {args.ratios} over group sizes (1, 2, 4), aux {args.aux_loss} alpha {args.aux_alpha}")
+        print(f"[train] model: Llama, {args.layers} layers, width {args.hidden}, 8 query / 4 KV heads, vocab "
+              f"{args.vocab}, blocks of {args.block} tokens; {layout}; KV budget {budget:.1f} % of the full cache",
+              flush=True)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          precision=args.precision, checkpoint_path=str(out / "checkpoint.pt"),
-                         checkpoint_every=args.checkpoint_every, description="train")
+                         checkpoint_every=args.checkpoint_every, log_every=args.log_every, description="train")
     result = train(model, data, config, ctx=ctx)
     if ctx.is_main:
         ppl = perplexity(model, data.held_out[:16])

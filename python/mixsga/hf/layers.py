@@ -19,10 +19,21 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     layers of each layer's ``aux_alpha * L_aux`` (so the paper's ``alpha / N_layers * sum_l L_aux``).
 
     Add it to the LM loss when training; it is the only loss that trains the routers. 0-dim tensor
-    (float32, float64 for a float64 model) with the forward's autograd graph; 0.0 when the model has no
-    mixSGA layers, has not run yet, or its last forward was a decode step (a call on a non-empty cache).
+    (float32, float64 for a float64 model) with the forward's autograd graph; 0.0 when the model has not
+    run yet or its last forward was a decode step (a call on a non-empty cache).
+
+    Raises:
+        TypeError: ``model`` has no mixSGA layers (it was not converted; a silent 0 would leave the
+            routers of the model meant to be trained untouched). Loops that train converted and plain
+            models alike check ``mixsga.hf.is_converted(model)`` first, as ``mixsga.train`` does.
     """
-    layers = [m for m in mixsga_layers(model) if m.last_aux_loss is not None]
+    all_layers = mixsga_layers(model)
+    if not all_layers:
+        raise TypeError(
+            f"model: aux_loss needs a model converted to mixSGA, got a {type(model).__name__} without mixSGA "
+            "layers; call mixsga.hf.convert(model, ...) first (or skip the aux loss for unconverted models)"
+        )
+    layers = [m for m in all_layers if m.last_aux_loss is not None]
     if torch.is_grad_enabled() and any(_lost_graph(m) for m in layers):
         raise RuntimeError(
             "aux_loss: the last forward kept no autograd graph for the routers' aux loss (it ran under "

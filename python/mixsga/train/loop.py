@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -15,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import TokenBlocks
 from .distributed import DistributedContext
+from .evaluate import no_cache_kwargs
 from .schedule import cosine_with_warmup
 
 
@@ -37,8 +40,13 @@ class TrainConfig:
     checkpoint_every: int = 0  #: save every N steps (0 = only at the end when checkpoint_path is set)
     resume: bool = True  #: continue from checkpoint_path when it exists
     stop_after: int | None = None  #: end this call after this optimizer step (a time slot); resume later
-    progress: bool = True  #: tqdm bar (rank 0 only)
+    progress: bool = True  #: rank 0 reports progress: a tqdm bar on a terminal, else a line every log_every steps
+    log_every: int = 10  #: steps between progress lines when the output is not a terminal (a log file, CI)
     description: str = "train"
+    #: lr multiplier per parameter-name substring: a trainable parameter whose name contains a key (the
+    #: first matching key, in insertion order) is trained at lr * multiplier in its own AdamW group;
+    #: e.g. {"key_log_scale": 10.0}. Weight decay follows the usual rule (none for 0/1-dim tensors).
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -50,6 +58,15 @@ class TrainConfig:
             raise ValueError(f"precision: must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every: must be >= 1, got {self.log_every}")
+        if not isinstance(self.lr_multipliers, dict):
+            raise TypeError(f"lr_multipliers: expected a dict of name substring -> float, got {type(self.lr_multipliers).__name__}")
+        for key, value in self.lr_multipliers.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"lr_multipliers: keys must be non-empty parameter-name substrings, got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"lr_multipliers[{key!r}]: must be a finite number > 0, got {value!r}")
         if self.warmup_steps is None:
             self.warmup_steps = max(1, round(0.015 * self.steps))
         if not 0 <= self.warmup_steps <= self.steps:
@@ -66,10 +83,72 @@ class TrainResult:
 
 def _default_aux_loss(model: torch.nn.Module) -> torch.Tensor:
     try:
-        from ..hf import aux_loss
+        from ..hf import aux_loss, is_converted
     except ImportError:  # transformers not installed: no mixSGA HF layers either
         return torch.zeros(())
-    return aux_loss(model)
+    # Base and GQA models train with the same loop; hf.aux_loss itself rejects them (a likely mistake there).
+    return aux_loss(model) if is_converted(model) else torch.zeros(())
+
+
+def _param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW groups: decayed (>= 2-dim) and undecayed parameters at config.lr, then one such pair per
+    lr_multipliers key (only the non-empty groups). Without multipliers the two groups are exactly the
+    ones of earlier versions, so their checkpoints still load."""
+    keys = list(config.lr_multipliers)
+    buckets: dict[tuple[str | None, bool], list[torch.nn.Parameter]] = {}
+    matched: set[str] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k in keys if k in name), None)
+        if key is not None:
+            matched.add(key)
+        buckets.setdefault((key, p.dim() >= 2), []).append(p)
+    unmatched = [k for k in keys if k not in matched]
+    if unmatched:  # most likely a typo, which would silently train at the base lr
+        raise ValueError(
+            f"lr_multipliers: the key {unmatched[0]!r} matches no trainable parameter name of {type(model).__name__}"
+        )
+    groups = [{"params": buckets.get((None, True), []), "weight_decay": config.weight_decay},
+              {"params": buckets.get((None, False), []), "weight_decay": 0.0}]
+    for key in keys:
+        mult = float(config.lr_multipliers[key])
+        for decay in (True, False):
+            if (key, decay) in buckets:
+                groups.append({"params": buckets[(key, decay)], "weight_decay": config.weight_decay if decay else 0.0,
+                               "lr": config.lr * mult, "lr_multiplier": mult, "lr_key": key})
+    return groups
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def describe(model: torch.nn.Module, config: TrainConfig, world_size: int = 1, start: int = 0) -> str:
+    """One line with the run's settings and the model's mixSGA layout (ratios, KV budget), printed at
+    the start of ``train`` so a log says what it is a log of (``start``: the step a resumed run continues at)."""
+    resumed = f" (resuming at step {start})" if start else ""
+    parts = [f"{config.steps} steps{resumed}, batch {config.batch_size} x accum {config.grad_accum} x {world_size} rank(s)",
+             f"lr {config.lr:.2e} (warmup {config.warmup_steps}, min ratio {config.min_lr_ratio}, "
+             f"weight decay {config.weight_decay}, clip {config.grad_clip})", config.precision]
+    if config.lr_multipliers:
+        parts.append("lr multipliers " + ", ".join(f"{k!r} x{v}" for k, v in config.lr_multipliers.items()))
+    try:
+        from ..hf import kv_fraction, mixsga_layers
+    except ImportError:
+        layers = []
+    else:
+        layers = mixsga_layers(model)
+    if layers:
+        layouts = sorted({(tuple(m.group_sizes), tuple(m.ratios)) for m in layers})
+        text = "; ".join(f"group sizes {g} ratios {tuple(round(r, 4) for r in rs)}" for g, rs in layouts)
+        parts.append(f"mixSGA in {len(layers)} layers: {text}, KV budget {100 * kv_fraction(model):.1f} % of the full cache")
+    else:
+        parts.append(f"{type(model).__name__} without mixSGA layers")
+    return f"[{config.description}] " + "; ".join(parts)
 
 
 def train(
@@ -78,13 +157,19 @@ def train(
     config: TrainConfig,
     aux_loss_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     ctx: DistributedContext | None = None,
+    stream: TextIO | None = None,
 ) -> TrainResult:
     """Trains a causal LM (``model(input_ids=..., labels=...).loss``, Hugging Face style) in place.
 
     Loss per micro-batch = LM loss + ``aux_loss_fn(model)`` (default ``mixsga.hf.aux_loss``: the mean of
     the mixSGA layers' aux losses, i.e. alpha / N_layers summed over layers; 0 for other models).
     Under torchrun pass ``ctx = init_distributed()``: the model is wrapped in DDP and each rank trains on
-    its own batches; rank 0 writes checkpoints and shows progress. With ``config.checkpoint_path`` set
+    its own batches; rank 0 writes checkpoints and shows progress. Progress (``config.progress``) goes to
+    ``stream`` (default ``sys.stdout``): a line with the settings and the model's ratios and KV budget, then
+    a tqdm bar when the stream is a terminal, else a plain line every ``config.log_every`` steps (step,
+    loss, aux, lr, tokens/s), so a log file stays readable. The forward runs with ``use_cache=False`` when
+    the model takes it (a Hugging Face config defaults to caching, which would fill a throwaway cache).
+    With ``config.checkpoint_path`` set
     and ``config.resume``, an existing checkpoint is loaded first and training continues exactly where it
     stopped (model, optimizer, schedule, RNG and data order).
     """
@@ -92,12 +177,7 @@ def train(
     aux_loss_fn = aux_loss_fn or _default_aux_loss
     torch.manual_seed(config.seed)
     model.to(ctx.device).train()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=config.betas,
-    )
+    optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps, config.min_lr_ratio)
     )
@@ -118,23 +198,31 @@ def train(
     autocast = (
         torch.autocast(ctx.device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
     )
+    forward_kwargs = no_cache_kwargs(model)
+    stream = sys.stdout if stream is None else stream
+    show = config.progress and ctx.is_main
     bar = None
-    if config.progress and ctx.is_main:
-        from tqdm.auto import tqdm
+    if show:
+        print(describe(model, config, ctx.world_size, start), file=stream, flush=True)
+        if _is_terminal(stream):
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, initial=start, desc=config.description, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=config.steps, initial=start, desc=config.description, unit="step", dynamic_ncols=True,
+                       file=stream)
 
     result = TrainResult(steps=start, seconds=0.0)
     t0 = time.perf_counter()
+    t_line, tokens_line = t0, 0  # tokens/s of a progress line: over the steps since the previous line
     end = config.steps if config.stop_after is None else min(config.steps, config.stop_after)
     for step in range(start, end):
         lm_total, aux_total = 0.0, 0.0
         for micro in range(config.grad_accum):
             batch = next(batches).to(ctx.device)
+            tokens_line += batch.numel() * ctx.world_size
             sync = micro == config.grad_accum - 1 or not ctx.enabled
             with (contextlib.nullcontext() if sync else net.no_sync()):
                 with autocast:  # the forward only: backward runs in the forward's dtypes
-                    lm = net(input_ids=batch, labels=batch).loss
+                    lm = net(input_ids=batch, labels=batch, **forward_kwargs).loss
                     aux = aux_loss_fn(model).to(lm.device, torch.float32)
                 ((lm.float() + aux) / config.grad_accum).backward()
             lm_total += float(lm.detach()) / config.grad_accum
@@ -147,10 +235,16 @@ def train(
         result.losses.append(lm_total)
         result.aux_losses.append(aux_total)
         result.steps = step + 1
+        last = step + 1 == end
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{lm_total:.3f}", aux=f"{aux_total:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        last = step + 1 == end
+        elif show and (last or (step + 1) % config.log_every == 0):
+            now = time.perf_counter()
+            print(f"[{config.description}] step {step + 1}/{config.steps} loss {lm_total:.4f} aux {aux_total:.4f} "
+                  f"lr {scheduler.get_last_lr()[0]:.2e} tokens/s {tokens_line / max(now - t_line, 1e-9):.0f}",
+                  file=stream, flush=True)
+            t_line, tokens_line = now, 0
         if ckpt is not None and ctx.is_main and (last or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
             save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step + 1,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -122,3 +124,115 @@ def test_ddp_two_ranks_under_torchrun_match_one_process(tmp_path):
     train(single, tiny_data(), quiet(steps=3, batch_size=4, lr=1e-2, warmup_steps=1))
     for name, p in single.state_dict().items():
         torch.testing.assert_close(rank0[name], p, rtol=1e-9, atol=1e-11, msg=name)
+
+
+class _Log(io.StringIO):
+    """A non-terminal stream (a log file, CI), as the loop sees one."""
+
+    def isatty(self):
+        return False
+
+
+def test_progress_on_a_non_terminal_stream_is_one_line_every_log_every_steps():
+    log = _Log()
+    train(tiny_llama(), tiny_data(), TrainConfig(steps=5, batch_size=2, log_every=2), stream=log)
+    text = log.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    # First the settings and the model's layout, then steps 2, 4 and the last one.
+    assert lines[0].startswith("[train] 5 steps, batch 2 x accum 1 x 1 rank(s); lr 2.00e-04")
+    assert "ratios (0.3, 0.1, 0.6)" in lines[0] and "KV budget 50.0 %" in lines[0]
+    step = re.compile(r"\[train\] step (\d+)/5 loss (\d+\.\d{4}) aux (\d+\.\d{4}) lr (\S+) tokens/s (\d+)$")
+    matches = [step.match(line) for line in lines[1:]]
+    assert all(matches) and [int(m.group(1)) for m in matches] == [2, 4, 5], lines
+    assert all(float(m.group(2)) > 0 and float(m.group(3)) > 0 and int(m.group(5)) > 0 for m in matches)
+    # Off: nothing at all.
+    quiet_log = _Log()
+    train(tiny_llama(), tiny_data(), TrainConfig(steps=2, batch_size=2, progress=False), stream=quiet_log)
+    assert quiet_log.getvalue() == ""
+
+
+def test_progress_on_a_terminal_is_a_bar_after_the_settings_line():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    train(tiny_llama(), tiny_data(), TrainConfig(steps=3, batch_size=2, log_every=1), stream=term)
+    first, rest = term.getvalue().split("\n", 1)
+    assert first.startswith("[train] 3 steps") and "\r" in rest and "[train] step" not in rest
+
+
+def test_lr_multipliers_give_their_own_param_groups(tmp_path):
+    model = tiny_llama()
+    ckpt = tmp_path / "ckpt.pt"
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, progress=False, checkpoint_path=str(ckpt),
+                         lr_multipliers={"router.proj": 10.0, "embed_tokens": 0.5})
+    train(model, tiny_data(), config)
+    # The optimizer the loop built (saved in its checkpoint): base groups first, then one pair per key,
+    # each at lr * multiplier, with weight decay only for >= 2-dim tensors.
+    groups = load_checkpoint(ckpt)["optimizer"]["param_groups"]
+    summary = [(g.get("lr_key"), g["initial_lr"], g["weight_decay"], len(g["params"])) for g in groups]
+    assert summary == [(None, 1e-3, 0.1, summary[0][3]), (None, 1e-3, 0.0, summary[1][3]),
+                       ("router.proj", pytest.approx(1e-2), 0.1, 2), ("router.proj", pytest.approx(1e-2), 0.0, 2),
+                       ("embed_tokens", pytest.approx(5e-4), 0.1, 1)]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(i for g in groups for i in g["params"]) == list(range(len(names)))  # each parameter once
+    # Which parameters: the same grouping, rebuilt, by name.
+    from mixsga.train.loop import _param_groups
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    rebuilt = [[name_of[id(p)] for p in g["params"]] for g in _param_groups(model, config)]
+    assert rebuilt[2] == [n for n in names if n.endswith("router.proj.weight")]
+    assert rebuilt[3] == [n for n in names if n.endswith("router.proj.bias")]
+    assert rebuilt[4] == ["model.embed_tokens.weight"]
+    assert not any("router.proj" in n or "embed_tokens" in n for g in rebuilt[:2] for n in g)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (0.0, r"lr_multipliers\['router'\]: must be a finite number > 0, got 0.0"),
+    (-1.0, r"lr_multipliers\['router'\]: must be a finite number > 0, got -1.0"),
+    (float("nan"), r"lr_multipliers\['router'\]: must be a finite number > 0, got nan"),
+    (float("inf"), r"lr_multipliers\['router'\]: must be a finite number > 0, got inf"),
+    (True, r"lr_multipliers\['router'\]: must be a finite number > 0, got True"),
+    ("2", r"lr_multipliers\['router'\]: must be a finite number > 0, got '2'"),
+])
+def test_lr_multipliers_reject_bad_values_naming_the_key(value, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        TrainConfig(lr_multipliers={"router": value})
+
+
+def test_lr_multipliers_reject_keys_that_match_nothing():
+    with pytest.raises(ValueError, match=r"lr_multipliers: keys must be non-empty .*got ''"):
+        TrainConfig(lr_multipliers={"": 2.0})
+    with pytest.raises(ValueError, match=r"lr_multipliers: the key 'key_log_scale' matches no trainable parameter "
+                                         r"name of LlamaForCausalLM"):
+        train(tiny_llama(), tiny_data(), quiet(steps=1, batch_size=2, lr_multipliers={"key_log_scale": 10.0}))
+
+
+def test_training_and_evaluation_build_no_cache(monkeypatch):
+    import transformers
+
+    built = []
+    for cls in (mixsga.hf.MixSGACache, transformers.DynamicCache):
+        init = cls.__init__
+
+        def counting(self, *args, _init=init, _cls=cls, **kwargs):
+            built.append(_cls.__name__)
+            _init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", counting)
+    data = tiny_data()
+    for model in (tiny_llama(), tiny_llama(mixsga_layers=False)):
+        assert model.config.use_cache  # the Hugging Face default the loop must override
+        train(model, data, quiet(steps=2, batch_size=2))
+        perplexity(model, data.held_out)
+    assert built == []
+    # The counter works: a forward with the config's default builds one.
+    tiny_llama()(input_ids=data.held_out[:1])
+    assert built == ["MixSGACache"]
+
+
+def test_unconverted_models_train_with_a_zero_aux_loss():
+    result = train(tiny_llama(mixsga_layers=False), tiny_data(), quiet(steps=2, batch_size=2))
+    assert result.aux_losses == [0.0, 0.0] and all(math.isfinite(x) for x in result.losses)

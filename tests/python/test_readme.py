@@ -36,7 +36,8 @@ README = Path(os.environ.get("MIXSGA_README") or Path(__file__).resolve().parent
 TIMEOUT = float(os.environ.get("MIXSGA_README_TIMEOUT", "600"))  # seconds per snippet (chain)
 
 _MARKER = re.compile(r"^\s*<!--\s*(not-run|continues|snippet)\s*(?::\s*(.*?))?\s*-->\s*$")
-_FENCE = re.compile(r"^\s*```\s*(\w*)\s*$")
+_FENCE = re.compile(r"^\s*```\s*([\w+-]*)")  # an opening fence and its language (an info string may follow)
+_CLOSE = re.compile(r"^\s*```\s*$")
 
 
 @dataclass
@@ -72,7 +73,7 @@ def extract(text: str) -> tuple[list[Block], bool]:
         fence = _FENCE.match(line)
         if fence:
             end = i + 1
-            while end < len(lines) and not _FENCE.match(lines[end]):
+            while end < len(lines) and not _CLOSE.match(lines[end]):
                 end += 1
             if end == len(lines):
                 raise ValueError(f"README.md:{i + 1}: the ``` block opened here is not closed")
@@ -202,6 +203,7 @@ def test_extract_finds_blocks_lines_and_markers():
     assert blocks[2].code == "assert x == 1\ny = x + 1\n"
     assert [[b.line for b in c] for c in chains(blocks)] == [[4], [4, 15], [24]]
     assert extract("```python\nx = 1\n```\n") == ([Block(2, "x = 1\n")], False)
+    assert extract('```python title="a.py"\nx = 1\n```\n```text\n```python\n```\n') == ([Block(2, "x = 1\n")], False)
 
 
 def test_extract_rejects_malformed_markdown():

@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 CMAKE_FLAGS ?=
 
-.PHONY: all bootstrap configure build test test-sanitize demo install bench clean
+.PHONY: all bootstrap configure build test test-sanitize demo study install bench clean
 
 all: build
 
@@ -54,6 +54,13 @@ demo: build
 	@$(BUILD)/examples/cpp/mixsga_generate
 	@echo
 	@PYTHONPATH=$(CURDIR)/$(BUILD)/python $(PYTHON) examples/python/demo.py $(DEMO_ARGS)
+
+# The quality study (examples/python/study.py, docs/STUDY.md): static GQA, mixSGA as in the paper and
+# with the quality extensions at equal KV budgets, 3 seeds, on Debian's linux-doc and python docs; about
+# 75 min on 2 cores (runs are appended to out/study/runs.jsonl, so an interrupted study resumes).
+# STUDY_ARGS=--quick for a smoke run.
+study: build
+	@PYTHONPATH=$(CURDIR)/$(BUILD)/python $(PYTHON) examples/python/study.py $(STUDY_ARGS)
 
 install: build
 	@cmake --install $(BUILD) --prefix $(or $(PREFIX),$(CURDIR)/$(BUILD)/_install)

@@ -11,7 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MIXSGA_VENV:-$ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3}"
 
-APT_PACKAGES=(cmake make g++ python3-dev libgtest-dev libgmock-dev libbenchmark-dev jargon-text fortunes-min)
+APT_PACKAGES=(cmake make g++ python3-dev libgtest-dev libgmock-dev libbenchmark-dev jargon-text fortunes-min
+              linux-doc-6.1 python3.11-doc)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

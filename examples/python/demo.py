@@ -1,4 +1,4 @@
-"""`make demo`: what mixSGA buys at an equal KV budget, on your own CPU (python -m mixsga.train.demo logic).
+"""`make demo`: what mixSGA buys at an equal KV budget, on your own CPU (examples/python/mixsga_demo/demo.py).
 
 Usage: python examples/python/demo.py [--model tiny|smollm2] [--quick] [--out out/demo] [--threads 2] [--check]
   --model   tiny (default): a small Llama trained from scratch here (~9 min in all on 2 cores);
@@ -15,7 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from mixsga.train.demo import DemoConfig, check, run
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing the demo does may reach a model hub
+
+from mixsga_demo.demo import DemoConfig, check, run  # noqa: E402
 
 
 def main() -> int:

@@ -2,18 +2,19 @@
 
 Tokens are routed, by a learned expert-choice router, to weight-shared grouped-attention KV experts with
 different group sizes, so each token keeps as many KV heads as it deserves under a fixed average KV
-budget.
+budget (docs/METHOD.md; the quality extensions E1-E3 are options, the paper's method the default).
 
 ``import mixsga`` loads the compiled library (the same libmixsga C++ users link), which registers the
 ops ``torch.ops.mixsga.*``, and registers their fake kernels so torch.compile can trace them.
 
-- ``mixsga.nn``: MixSGAAttention, ExpertChoiceRouter, SharedGroupKV (plain torch.nn.Modules).
+- ``mixsga.nn``: MixSGAAttention, ExpertChoiceRouter, SharedGroupKV (plain torch.nn.Modules);
+  ``mixsga.clear_kv_weight_cache``.
+- ``mixsga.HeteroKVCache`` / ``mixsga.HeteroKVCacheOptions``: the compact inference cache (the C++ class).
 - ``mixsga.ops``: typed entry points of the ops.
 - ``mixsga.kv_fraction(group_sizes, ratios)``: the KV budget of a configuration.
 - ``mixsga.hf`` (``import mixsga.hf``, needs transformers): convert Llama-family models, MixSGACache for
   ``generate``, aux loss, save/reload; ``mixsga.models``: load_gguf_llama (local GGUF files, offline).
-- ``mixsga._C``: the C++ modules themselves (pybind11), for parity checks and C++-built models, and
-  the compact inference cache ``HeteroKVCache``.
+- ``mixsga._C``: the C++ modules themselves (pybind11), for parity checks and C++-built models.
 """
 
 import os as _os
@@ -34,5 +35,17 @@ cmake_prefix_path: str | None = (
 _fake_kernels.register()
 
 from . import nn, ops  # noqa: E402  (needs the ops registered)
+from .cache import HeteroKVCache, HeteroKVCacheOptions  # noqa: E402
+from .nn.shared_group_kv import clear_kv_weight_cache  # noqa: E402
 
-__all__ = ["cmake_prefix_path", "kv_fraction", "library_path", "nn", "ops", "__version__"]
+__all__ = [
+    "HeteroKVCache",
+    "HeteroKVCacheOptions",
+    "cmake_prefix_path",
+    "clear_kv_weight_cache",
+    "kv_fraction",
+    "library_path",
+    "nn",
+    "ops",
+    "__version__",
+]

@@ -123,3 +123,19 @@ def check_prefill_routing(mode: str) -> str:
     if mode not in PREFILL_ROUTING_MODES:
         raise ValueError(f"prefill_routing: must be 'expert_choice' or 'argmax', got {mode!r}")
     return mode
+
+
+KEY_SCALES = ("none", "group", "learned")
+ROUTING_SIGNALS = ("router", "pooling_error")
+
+
+def check_key_scale(mode: str) -> str:
+    if mode not in KEY_SCALES:
+        raise ValueError(f"key_scale: must be one of {', '.join(map(repr, KEY_SCALES))}, got {mode!r}")
+    return mode
+
+
+def check_routing_signal(mode: str) -> str:
+    if mode not in ROUTING_SIGNALS:
+        raise ValueError(f"routing_signal: must be one of {', '.join(map(repr, ROUTING_SIGNALS))}, got {mode!r}")
+    return mode

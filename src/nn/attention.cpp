@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "mixsga/nn/rope.h"
@@ -43,6 +44,8 @@ void MixSGAAttentionImpl::reset() {
                     fmt::format("attention_dropout: must be in [0, 1), got {}", o.attention_dropout()));
   TORCH_CHECK_VALUE(std::isfinite(o.rope_theta()) && o.rope_theta() > 0.0,
                     fmt::format("rope_theta: must be finite and > 0, got {}", o.rope_theta()));
+  detail::check_key_scale(o.key_scale());
+  detail::check_routing_signal(o.routing_signal());
 
   const int64_t D = o.hidden_size(), Hq = o.num_heads(), d = head_dim_;
   q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(D, Hq * d).bias(o.bias())));
@@ -52,18 +55,48 @@ void MixSGAAttentionImpl::reset() {
   o_proj = register_module("o_proj", torch::nn::Linear(torch::nn::LinearOptions(Hq * d, D).bias(o.bias())));
   router = register_module(
       "router", ExpertChoiceRouter(ExpertChoiceRouterOptions(D, o.ratios()).aux_loss(o.aux_loss())));
+  if (o.key_scale() == "learned") {
+    key_log_scale = register_parameter("key_log_scale", torch::zeros({static_cast<int64_t>(o.group_sizes().size())}));
+  }
 }
 
 void MixSGAAttentionImpl::pretty_print(std::ostream& stream) const {
   const auto& o = options;
   stream << fmt::format(
       "mixsga::nn::MixSGAAttention(hidden_size={}, num_heads={}, num_kv_heads={}, head_dim={}, group_sizes=({}), "
-      "ratios=({}), kv_fraction={:.4g}, bias={}, aux_loss={}, aux_alpha={}, prefill_routing={})",
+      "ratios=({}), kv_fraction={:.4g}, bias={}, aux_loss={}, aux_alpha={}, prefill_routing={}, key_scale={}, "
+      "routing_signal={})",
       o.hidden_size(), o.num_heads(), o.num_kv_heads(), head_dim_, fmt::join(o.group_sizes(), ", "),
-      fmt::join(o.ratios(), ", "), kv_fraction(), o.bias(), o.aux_loss(), o.aux_alpha(), o.prefill_routing());
+      fmt::join(o.ratios(), ", "), kv_fraction(), o.bias(), o.aux_loss(), o.aux_alpha(), o.prefill_routing(),
+      o.key_scale(), o.routing_signal());
 }
 
 double MixSGAAttentionImpl::kv_fraction() const { return ops::kv_fraction(options.group_sizes(), options.ratios()); }
+
+torch::Tensor MixSGAAttentionImpl::key_scales() const {
+  const auto& w = q_proj->weight;
+  if (options.key_scale() == "group") return torch::tensor(options.group_sizes(), w.options().dtype(torch::kDouble)).to(w.scalar_type());
+  if (options.key_scale() == "learned") return key_log_scale.to(w.scalar_type()).exp();
+  return {};
+}
+
+torch::Tensor MixSGAAttentionImpl::importance(const torch::Tensor& x, const torch::Tensor& scores) {
+  if (options.routing_signal() == "router") return scores;
+  // Every expert's column = the token's K/V pooling error at the coarsest expert that has capacity, so
+  // expert choice gives the finest expert the tokens pooling damages most (docs/METHOD.md, E2).
+  int64_t group = 1;
+  for (size_t e = 0; e < options.ratios().size(); ++e) {
+    if (options.ratios()[e] > 0.0) group = std::max(group, options.group_sizes()[e]);
+  }
+  torch::NoGradGuard no_grad;
+  const int64_t B = x.size(0), L = x.size(1), d = head_dim_;
+  const auto acc = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const auto kv = torch::cat({k_proj->forward(x.detach()), v_proj->forward(x.detach())}, -1)
+                      .view({B, L, -1, group, d})
+                      .to(acc);
+  const auto err = (kv - kv.mean(3, /*keepdim=*/true)).square().sum({2, 3, 4});
+  return err.unsqueeze(-1).expand({B, L, static_cast<int64_t>(options.group_sizes().size())}).contiguous();
+}
 
 std::tuple<torch::Tensor, torch::Tensor> MixSGAAttentionImpl::forward(const torch::Tensor& hidden_states,
                                                                       const std::optional<torch::Tensor>& attention_mask,
@@ -108,8 +141,17 @@ MixSGAAttentionImpl::Inputs MixSGAAttentionImpl::check_inputs(const torch::Tenso
                                   detail::shape_str(m.sizes())));
     TORCH_CHECK_VALUE(m.device() == x.device(), fmt::format("attention_mask: expected device {}, got {}",
                                                             x.device().str(), m.device().str()));
+    TORCH_CHECK_TYPE(!at::isFloatingType(m.scalar_type()) && !at::isComplexType(m.scalar_type()),
+                     fmt::format("attention_mask: expected a bool or integer 0/1 mask, got {}",
+                                 detail::dtype_name(m.scalar_type())));
     in.valid = m.ne(0);
     if (B > 0 && L > 0) {
+      const auto bad = (m.ne(0) & m.ne(1)).nonzero();
+      if (bad.numel() > 0) {
+        const int64_t b = bad[0][0].item<int64_t>(), t = bad[0][1].item<int64_t>();
+        TORCH_CHECK_VALUE(false, fmt::format("attention_mask: must hold only 0 and 1, got {} at [{}, {}]",
+                                             m[b][t].item<int64_t>(), b, t));
+      }
       const auto empty = in.valid->sum(1).eq(0).nonzero();
       TORCH_CHECK_VALUE(empty.numel() == 0,
                         fmt::format("attention_mask: sequence {} has no valid token (all padding); every sequence "
@@ -134,7 +176,7 @@ MixSGAAttentionImpl::Inputs MixSGAAttentionImpl::check_inputs(const torch::Tenso
   if (position_ids.has_value() && position_ids->defined()) {
     in.positions = *position_ids;
     TORCH_CHECK_TYPE(at::isIntegralType(in.positions.scalar_type(), false),
-                     fmt::format("position_ids: expected an integer dtype, got {}", c10::toString(in.positions.scalar_type())));
+                     fmt::format("position_ids: expected an integer dtype, got {}", detail::dtype_name(in.positions.scalar_type())));
     TORCH_CHECK_VALUE((in.positions.dim() == 2 && in.positions.size(0) == B && in.positions.size(1) == L) ||
                           (in.positions.dim() == 1 && in.positions.size(0) == L),
                       fmt::format("position_ids: expected shape [{}, {}] or [{}], got {}", B, L, L,
@@ -170,7 +212,7 @@ MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tenso
     const auto idx = router->argmax_route(scores);
     return {attend(x, idx, in, cache, layer, false), zero, idx, idx};
   }
-  const auto target = router->route(scores, in.valid);
+  const auto target = router->route(importance(x, scores), in.valid);
   const auto expert_idx = o.prefill_routing() == "argmax" ? router->argmax_route(scores) : target;
   const auto aux = o.aux_alpha() == 0.0 ? zero : router->aux_loss(logits, target, in.valid) * o.aux_alpha();
   return {attend(x, expert_idx, in, cache, layer, true), aux, expert_idx, target};
@@ -191,12 +233,14 @@ torch::Tensor MixSGAAttentionImpl::attend(const torch::Tensor& x, const torch::T
   const auto& o = options;
   const int64_t B = x.size(0), L = x.size(1), Hq = o.num_heads(), Hkv = o.num_kv_heads(), d = head_dim_;
   auto [k, v] = kv->forward(x, expert_idx);                      // [B, L, Hkv, d], pooled per token
+  if (o.key_scale() != "none") k = k * key_scales().index({expert_idx}).view({B, L, 1, 1});  // E1; V never scaled
   auto q = apply_rope(q_proj->forward(x).view({B, L, Hq, d}), in.positions, o.rope_theta());
   k = apply_rope(k, in.positions, o.rope_theta());
   if (cache != nullptr) cache->append(layer, k.detach(), v.detach(), expert_idx, in.valid, !cache_was_empty);
 
   torch::Tensor attn;  // [B, L, Hq, d]
-  const double dropout = is_training() ? o.attention_dropout() : 0.0;
+  // No dropout with a cache (inference), as in the Python layer.
+  const double dropout = is_training() && cache == nullptr ? o.attention_dropout() : 0.0;
   if (cache_was_empty) {
     std::optional<torch::Tensor> attn_mask;
     if (in.valid.has_value()) {
@@ -213,24 +257,11 @@ torch::Tensor MixSGAAttentionImpl::attend(const torch::Tensor& x, const torch::T
     attn = ops::hetero_decode_attention(q.select(1, 0), cache->keys(layer), cache->values(layer), cache->lengths(layer), Hkv)
                .unsqueeze(1);
   } else {
-    // A chunk after cached tokens: expand the cached compact K/V on the fly (this path is for
-    // speculative / chunked continuation; plain decoding uses the compact kernel above).
-    std::vector<torch::Tensor> keys, values, positions, stored;
-    const auto pools_k = cache->keys(layer), pools_v = cache->values(layer), pools_pos = cache->positions(layer);
-    const auto lengths = cache->lengths(layer).to(x.device());
-    for (size_t e = 0; e < pools_k.size(); ++e) {
-      const int64_t g = o.group_sizes()[e];
-      keys.push_back(pools_k[e].repeat_interleave(g, 1));
-      values.push_back(pools_v[e].repeat_interleave(g, 1));
-      positions.push_back(pools_pos[e].to(torch::kLong));
-      stored.push_back(torch::arange(pools_k[e].size(2), lengths.options()).unsqueeze(0) < lengths.select(1, e).unsqueeze(1));
-    }
-    const auto key_pos = torch::cat(positions, 1), key_stored = torch::cat(stored, 1);  // [B, T]
-    const auto query_pos = (in.positions.dim() == 1 ? in.positions.unsqueeze(0).expand({B, L}) : in.positions);
-    const auto mask = key_stored.unsqueeze(1) & (key_pos.unsqueeze(1) <= query_pos.unsqueeze(2));  // [B, L, T]
-    attn = at::scaled_dot_product_attention(q.transpose(1, 2), torch::cat(keys, 2), torch::cat(values, 2),
-                                            mask.unsqueeze(1), dropout, false, std::nullopt, Hq != Hkv)
-               .transpose(1, 2);
+    // A chunk after cached tokens (chunked prefill, speculative verification): the compact pools,
+    // causal by the positions stored with them, never expanded to Hkv heads.
+    const auto query_pos = in.positions.dim() == 1 ? in.positions.unsqueeze(0).expand({B, L}) : in.positions;
+    attn = ops::hetero_cache_attention(q, query_pos, cache->keys(layer), cache->values(layer), cache->positions(layer),
+                                       cache->lengths(layer), Hkv);
   }
   return o_proj->forward(attn.reshape({B, L, Hq * d}));
 }
@@ -242,7 +273,7 @@ MixSGAAttentionImpl::RoutingAgreement MixSGAAttentionImpl::routing_agreement(
   const int64_t E = router->num_experts();
   const auto scores = router->scores(x);
   const auto argmax = router->argmax_route(scores);
-  const auto choice = router->route(scores, in.valid);
+  const auto choice = router->route(importance(x, scores), in.valid);  // what prefill routes by
   const auto valid = in.valid.has_value() ? *in.valid : torch::ones_like(argmax, torch::kBool);
   const double n = std::max<double>(1.0, valid.sum().item<double>());
   auto ratios = [&](const torch::Tensor& idx) {
@@ -268,7 +299,9 @@ detail::OptionRecord option_record(const MixSGAAttentionOptions& o) {
           {"aux_alpha", fmt::format("{}", o.aux_alpha())},
           {"prefill_routing", o.prefill_routing()},
           {"detach_router_input", fmt::format("{}", o.detach_router_input())},
-          {"attention_dropout", fmt::format("{}", o.attention_dropout())}};
+          {"attention_dropout", fmt::format("{}", o.attention_dropout())},
+          {"key_scale", o.key_scale()},
+          {"routing_signal", o.routing_signal()}};
 }
 }  // namespace
 

@@ -1,5 +1,6 @@
 #pragma once
 // Option checks shared by the modules (each error names the option and the value seen).
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
 
@@ -20,6 +21,33 @@ inline void check_aux_loss_kind(const std::string& kind) {
 inline void check_prefill_routing(const std::string& mode) {
   TORCH_CHECK_VALUE(mode == "expert_choice" || mode == "argmax",
                     fmt::format("prefill_routing: must be 'expert_choice' or 'argmax', got '{}'", mode));
+}
+
+/// A dtype as Python users read it ("torch.float32"), so C++ and Python errors say the same thing.
+inline std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::ScalarType::Float: return "torch.float32";
+    case c10::ScalarType::Double: return "torch.float64";
+    case c10::ScalarType::Half: return "torch.float16";
+    case c10::ScalarType::BFloat16: return "torch.bfloat16";
+    case c10::ScalarType::Long: return "torch.int64";
+    case c10::ScalarType::Int: return "torch.int32";
+    case c10::ScalarType::Short: return "torch.int16";
+    case c10::ScalarType::Char: return "torch.int8";
+    case c10::ScalarType::Byte: return "torch.uint8";
+    case c10::ScalarType::Bool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline void check_key_scale(const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "none" || mode == "group" || mode == "learned",
+                    fmt::format("key_scale: must be one of 'none', 'group', 'learned', got '{}'", mode));
+}
+
+inline void check_routing_signal(const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "router" || mode == "pooling_error",
+                    fmt::format("routing_signal: must be one of 'router', 'pooling_error', got '{}'", mode));
 }
 
 }  // namespace mixsga::detail

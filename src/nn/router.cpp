@@ -6,6 +6,7 @@
 #include <torch/nn/init.h>
 
 #include <limits>
+#include <vector>
 
 #include "mixsga/ops.h"
 #include "nn/module_checks.h"
@@ -63,9 +64,24 @@ torch::Tensor ExpertChoiceRouterImpl::route(const torch::Tensor& scores, const s
 torch::Tensor ExpertChoiceRouterImpl::argmax_route(const torch::Tensor& scores) const {
   check_scores(scores);
   // argmax returns the first maximum, so ties go to the finer expert, as in expert choice. NaN ranks
-  // lowest, as in expert choice (torch.argmax would pick it).
+  // lowest, as in expert choice (torch.argmax would pick it). An expert with ratio 0 has no capacity and
+  // is never chosen: a token whose every open score is NaN goes to the finest expert with capacity.
   const auto s = scores.detach();
-  return at::where(s.isnan(), -std::numeric_limits<double>::infinity(), s).argmax(-1);
+  auto ranked = at::where(s.isnan(), -std::numeric_limits<double>::infinity(), s);
+  const auto& ratios = options.ratios();
+  std::vector<int64_t> closed;
+  int64_t first_open = -1;
+  for (int64_t e = 0; e < num_experts(); ++e) {
+    if (ratios[e] == 0.0) closed.push_back(e);
+    else if (first_open < 0) first_open = e;
+  }
+  if (closed.empty()) return ranked.argmax(-1);
+  const auto closed_idx = torch::tensor(closed, s.options().dtype(torch::kLong));
+  ranked.index_fill_(-1, closed_idx, -std::numeric_limits<double>::infinity());
+  const auto idx = ranked.argmax(-1);
+  auto is_closed = torch::zeros({num_experts()}, s.options().dtype(torch::kBool));
+  is_closed.index_fill_(0, closed_idx, true);
+  return at::where(is_closed.index({idx}), torch::full_like(idx, first_open), idx);
 }
 
 torch::Tensor ExpertChoiceRouterImpl::aux_loss(const torch::Tensor& logits, const torch::Tensor& target,

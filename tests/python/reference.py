@@ -83,9 +83,10 @@ def attention(q, k, v, allowed):
 
 
 def mixsga_attention(params: dict, x, expert_idx, *, num_heads, num_kv_heads, head_dim, group_sizes,
-                     valid=None, positions=None, theta=10000.0):
+                     valid=None, positions=None, theta=10000.0, key_scales=None):
     """The whole layer (METHOD.md steps 5-6) from a state dict: per-token pooled K/V, RoPE, GQA expansion,
-    causal softmax attention, output projection."""
+    causal softmax attention, output projection. key_scales [E] (extension E1): each token's pooled key is
+    multiplied by its expert's factor."""
     B, L, _ = x.shape
     Hq, Hkv, d = num_heads, num_kv_heads, head_dim
     if positions is None:
@@ -93,6 +94,8 @@ def mixsga_attention(params: dict, x, expert_idx, *, num_heads, num_kv_heads, he
     q = F.linear(x, params["q_proj.weight"], params.get("q_proj.bias")).reshape(B, L, Hq, d)
     k = grouped_kv_proj(x, params["k_proj.weight"], params.get("k_proj.bias"), expert_idx, group_sizes, d)
     v = grouped_kv_proj(x, params["v_proj.weight"], params.get("v_proj.bias"), expert_idx, group_sizes, d)
+    if key_scales is not None:
+        k = k * key_scales[expert_idx][:, :, None, None]
     q, k = rope(q, positions, theta), rope(k, positions, theta)
     rep = Hq // Hkv
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
@@ -161,3 +164,17 @@ def hetero_decode_attention(q, k_pools, v_pools, lengths, num_kv_heads, scale=No
         p = (torch.einsum("hd,hnd->hn", q[b].double(), K) * scale).softmax(-1)
         out[b] = torch.einsum("hn,hnd->hd", p, V)
     return out
+
+
+def pooling_error(x, k_weight, k_bias, v_weight, v_bias, group, head_dim):
+    """Per token sum over K and V heads of ||head - mean of its group||^2, head by head (float64)."""
+    B, L, _ = x.shape
+    err = torch.zeros(B, L, dtype=torch.float64)
+    for w, b in ((k_weight, k_bias), (v_weight, v_bias)):
+        heads = F.linear(x.double(), w.double(), None if b is None else b.double()).reshape(B, L, -1, head_dim)
+        for j in range(heads.shape[2] // group):
+            grp = heads[:, :, j * group : (j + 1) * group]
+            mean = grp.mean(2, keepdim=True)
+            for h in range(group):
+                err += (grp[:, :, h] - mean[:, :, 0]).pow(2).sum(-1)
+    return err

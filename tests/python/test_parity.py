@@ -18,6 +18,10 @@ CONFIGS = [
     dict(hidden_size=64, num_heads=8, num_kv_heads=8, group_sizes=(1, 2, 8), ratios=(0.25, 0.25, 0.5),
          prefill_routing="argmax", detach_router_input=True),
     dict(hidden_size=64, num_heads=8, num_kv_heads=4, ratios=(1.0, 0.0, 0.0), aux_alpha=0.0),
+    # The quality extensions (docs/METHOD.md E1, E2).
+    dict(hidden_size=64, num_heads=8, num_kv_heads=4, key_scale="group", routing_signal="pooling_error"),
+    dict(hidden_size=64, num_heads=8, num_kv_heads=4, bias=True, key_scale="learned", ratios=(0.5, 0.5, 0.0),
+         routing_signal="pooling_error", prefill_routing="argmax"),
 ]
 
 
@@ -191,4 +195,4 @@ def test_cpp_compact_cache_decode_equals_python_full_forward():
     assert cache.full_bytes_per_token() == 2 * 4 * 8 * 8
     torch.testing.assert_close(cache.decode_ratios().sum(), torch.tensor(1.0, dtype=torch.float64))
     with pytest.raises(IndexError, match="layer: must be in \\[0, 1\\)"):
-        cpp(x[:, :1], cache=cache, layer=1)
+        cpp(x[:, :1], cache=cache, layer_idx=1)

@@ -48,8 +48,16 @@ struct MixSGAAttentionOptions {
   TORCH_ARG(std::string, prefill_routing) = "expert_choice";
   /// Feed the router a detached input, so the aux loss trains only the router. Default false.
   TORCH_ARG(bool, detach_router_input) = false;
-  /// Dropout on attention probabilities while training. Default 0.
+  /// Dropout on attention probabilities while training (not with a cache). Default 0.
   TORCH_ARG(double, attention_dropout) = 0.0;
+  /// Extension E1 (docs/METHOD.md): how a pooled key is scaled. "none" (default, the paper), "group"
+  /// (expert e's keys times g_e) or "learned" (times exp(key_log_scale[e]), a parameter [E] initialised
+  /// at 0 = the paper). Values are never scaled; applied before the cache.
+  TORCH_ARG(std::string, key_scale) = "none";
+  /// Extension E2 (docs/METHOD.md): what expert choice ranks at training and prefill. "router" (default,
+  /// the paper) or "pooling_error" (each token's K/V pooling error; also the aux-loss target, so the
+  /// router's argmax, which routes decode, learns to predict it).
+  TORCH_ARG(std::string, routing_signal) = "router";
 };
 
 /// Everything a forward pass decided, for users who need more than (output, aux_loss).
@@ -119,6 +127,9 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
 
   /// KV budget of this layer relative to the base layer: sum_e ratios[e] / group_sizes[e].
   double kv_fraction() const;
+  /// The factor each expert's pooled keys are multiplied by ([E], the parameters' dtype); undefined for
+  /// key_scale "none".
+  torch::Tensor key_scales() const;
   int64_t head_dim() const { return head_dim_; }
 
   MixSGAAttentionOptions options;
@@ -127,6 +138,8 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
   torch::nn::Linear v_proj{nullptr};  ///< the same module as kv->v_proj
   torch::nn::Linear o_proj{nullptr};
   ExpertChoiceRouter router{nullptr};
+  /// [E] log key scale per expert (key_scale "learned" only; undefined otherwise). Registered last.
+  torch::Tensor key_log_scale;
   /// Not registered (its Linears are registered as k_proj / v_proj, so parameter names match the
   /// Python module and Hugging Face checkpoints).
   SharedGroupKV kv{nullptr};
@@ -138,6 +151,7 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
   };
   Inputs check_inputs(const torch::Tensor& x, const std::optional<torch::Tensor>& attention_mask,
                       const std::optional<torch::Tensor>& position_ids, const HeteroKVCache* cache, int64_t layer) const;
+  torch::Tensor importance(const torch::Tensor& x, const torch::Tensor& scores);
   torch::Tensor attend(const torch::Tensor& x, const torch::Tensor& expert_idx, const Inputs& in, HeteroKVCache* cache,
                        int64_t layer, bool cache_was_empty);
 

@@ -5,6 +5,9 @@
 - ``MixSGACache``: the compact heterogeneous KV cache as a transformers ``Cache`` (``generate`` uses it).
 - ``aux_loss(model)``, ``mixsga_layers(model)``, ``kv_fraction(model)``: for training loops.
 - ``from_pretrained(path)``: reloads a converted model saved with ``save_pretrained``.
+- ``prepare(model, blocks)``: calibrates pooled-key scales and warm-starts the routers on a few batches
+  (``calibrate_key_scale``, ``warm_start_routers``); ``RECOMMENDED``: the quality extensions to convert
+  with (docs/METHOD.md).
 
 Needs ``transformers`` (imported by this subpackage only).
 """
@@ -14,19 +17,24 @@ from .cache import MixSGACache
 from .config import MixSGASettings
 from .convert import SUPPORTED_MODEL_TYPES, convert, is_converted, to_gqa
 from .layers import aux_loss, kv_fraction, mixsga_layers
+from .prepare import RECOMMENDED, calibrate_key_scale, prepare, warm_start_routers
 from .pretrained import from_pretrained
 
 __all__ = [
     "PADDING_MASK_KWARG",
+    "RECOMMENDED",
     "SUPPORTED_MODEL_TYPES",
     "HFMixSGAAttention",
     "MixSGACache",
     "MixSGASettings",
     "aux_loss",
+    "calibrate_key_scale",
     "convert",
     "from_pretrained",
     "is_converted",
     "kv_fraction",
     "mixsga_layers",
+    "prepare",
     "to_gqa",
+    "warm_start_routers",
 ]

@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .._checks import check_aux_loss_kind, check_group_sizes, check_prefill_routing, check_ratios
+from .._checks import (
+    check_aux_loss_kind,
+    check_group_sizes,
+    check_key_scale,
+    check_prefill_routing,
+    check_ratios,
+    check_routing_signal,
+)
 
 #: Attribute of ``model.config`` holding the settings (a plain dict, so it serialises as JSON).
 CONFIG_KEY = "mixsga"
@@ -23,6 +30,8 @@ class MixSGASettings:
     aux_alpha: float = 0.1
     prefill_routing: str = "expert_choice"
     detach_router_input: bool = False
+    key_scale: str = "none"
+    routing_signal: str = "router"
 
     @classmethod
     def create(
@@ -33,6 +42,8 @@ class MixSGASettings:
         aux_alpha: float = 0.1,
         prefill_routing: str = "expert_choice",
         detach_router_input: bool = False,
+        key_scale: str = "none",
+        routing_signal: str = "router",
     ) -> MixSGASettings:
         """Validated settings (group sizes strictly increasing, one ratio per expert summing to 1, ...)."""
         groups = check_group_sizes(group_sizes)
@@ -44,7 +55,7 @@ class MixSGASettings:
         if not isinstance(detach_router_input, bool):
             raise TypeError(f"detach_router_input: expected a bool, got {detach_router_input!r}")
         return cls(groups, values, check_aux_loss_kind(aux_loss), alpha, check_prefill_routing(prefill_routing),
-                   detach_router_input)
+                   detach_router_input, check_key_scale(key_scale), check_routing_signal(routing_signal))
 
     def to_dict(self) -> dict:
         d = asdict(self)

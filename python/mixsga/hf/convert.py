@@ -44,7 +44,11 @@ def convert(
             model's ``num_key_value_heads``. Default (1, 2, 4).
         ratios: capacity ratio per expert, summing to 1. Default (0.3, 0.1, 0.6).
         **options: ``aux_loss`` ("sigmoid_ce"), ``aux_alpha`` (0.1), ``prefill_routing``
-            ("expert_choice" or "argmax"), ``detach_router_input`` (False); see MixSGAAttention.
+            ("expert_choice" or "argmax"), ``detach_router_input`` (False), and the quality extensions
+            ``key_scale`` ("none", "group" or "learned") and ``routing_signal`` ("router" or
+            "pooling_error"); see MixSGAAttention and docs/METHOD.md. The defaults are the paper's method;
+            ``mixsga.hf.RECOMMENDED`` holds the extensions the study found best, and
+            ``mixsga.hf.prepare(model, blocks)`` calibrates key scales and warm-starts the routers.
 
     After conversion:
         - ``model.config.mixsga`` holds the settings, so ``save_pretrained`` stores them and
@@ -175,6 +179,8 @@ def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings
             aux_alpha=settings.aux_alpha,
             prefill_routing=settings.prefill_routing,
             detach_router_input=settings.detach_router_input,
+            key_scale=settings.key_scale,
+            routing_signal=settings.routing_signal,
             attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
             layer_idx=idx,
         )
@@ -184,6 +190,8 @@ def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings
     attn.router = ExpertChoiceRouter(config.hidden_size, settings.ratios, settings.aux_loss).to(
         device=weight.device, dtype=weight.dtype
     )
+    if attn.key_log_scale is not None:  # 0 = exp(0) = the paper's plain mean, until calibrated
+        attn.key_log_scale = nn.Parameter(torch.zeros(len(settings.group_sizes), device=weight.device, dtype=weight.dtype))
     attn.config = config  # some transformers utilities read the attention's config
     attn.train(old.training)
     return attn

@@ -5,7 +5,7 @@ Same names, constructor arguments, parameter names and shapes as the C++ modules
 from .attention import MixSGAAttention, MixSGAOutput, RoutingAgreement
 from .functional import apply_rope
 from .router import ExpertChoiceRouter
-from .shared_group_kv import SharedGroupKV, pool_kv_weight
+from .shared_group_kv import SharedGroupKV, clear_kv_weight_cache, pool_kv_weight, pooling_error
 
 __all__ = [
     "ExpertChoiceRouter",
@@ -14,5 +14,7 @@ __all__ = [
     "RoutingAgreement",
     "SharedGroupKV",
     "apply_rope",
+    "clear_kv_weight_cache",
     "pool_kv_weight",
+    "pooling_error",
 ]

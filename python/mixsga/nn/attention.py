@@ -13,16 +13,19 @@ from torch import nn
 from .._checks import (
     check_floating,
     check_group_sizes,
+    check_integer,
+    check_key_scale,
     check_positive,
     check_prefill_routing,
     check_ratios,
+    check_routing_signal,
     check_tensor,
     shape_str,
 )
 from .._kv_fraction import kv_fraction
 from .functional import apply_rope_cos_sin, default_positions, padding_attention_mask, rope_angles
 from .router import ExpertChoiceRouter
-from .shared_group_kv import grouped_kv, single_token_kv
+from .shared_group_kv import grouped_kv, pooling_error, single_token_kv
 
 
 class MixSGAOutput(NamedTuple):
@@ -66,6 +69,15 @@ class MixSGAAttention(nn.Module):
         detach_router_input: feed the router a detached input, so the aux loss trains only the router.
             Default False.
         attention_dropout: dropout on attention probabilities while training, in [0, 1). Default 0.
+        key_scale: extension (docs/METHOD.md, E1): how a pooled key is scaled. "none" (default, the
+            paper: plain mean), "group" (expert e's keys times g_e) or "learned" (times exp(key_log_scale[e]),
+            a parameter [E] initialised at 0, i.e. the paper; ``mixsga.hf.calibrate_key_scale`` sets it from
+            data, and the LM loss trains it). Values are never scaled. Applied before the cache, so decode
+            costs nothing extra.
+        routing_signal: extension (docs/METHOD.md, E2): what expert choice ranks at training and prefill.
+            "router" (default, the paper: the router's scores) or "pooling_error" (each token's K/V
+            pooling error, ``pooling_error``: tokens that pooling damages most keep the most heads; the
+            aux loss then trains the router, whose argmax routes decode, to predict that assignment).
 
     Submodules: q_proj nn.Linear(D, Hq*d); k_proj, v_proj nn.Linear(D, Hkv*d) (shared by all experts);
     o_proj nn.Linear(Hq*d, D); router ExpertChoiceRouter (proj nn.Linear(D, E)).
@@ -86,6 +98,8 @@ class MixSGAAttention(nn.Module):
         prefill_routing: str = "expert_choice",
         detach_router_input: bool = False,
         attention_dropout: float = 0.0,
+        key_scale: str = "none",
+        routing_signal: str = "router",
     ) -> None:
         super().__init__()
         check_positive(hidden_size, "hidden_size")
@@ -110,8 +124,10 @@ class MixSGAAttention(nn.Module):
             raise ValueError(f"aux_alpha: must be finite and >= 0, got {aux_alpha}")
         if not 0.0 <= attention_dropout < 1.0:
             raise ValueError(f"attention_dropout: must be in [0, 1), got {attention_dropout}")
-        if not rope_theta > 0.0:
-            raise ValueError(f"rope_theta: must be > 0, got {rope_theta}")
+        if not (math.isfinite(rope_theta) and rope_theta > 0.0):
+            raise ValueError(f"rope_theta: must be finite and > 0, got {rope_theta}")
+        self.key_scale = check_key_scale(key_scale)
+        self.routing_signal = check_routing_signal(routing_signal)
 
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = (
             hidden_size,
@@ -129,6 +145,10 @@ class MixSGAAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
         self.router = ExpertChoiceRouter(hidden_size, self.ratios, aux_loss)
+        # Registered last, so the parameters shared with the paper's layer keep their order.
+        self.key_log_scale = (
+            nn.Parameter(torch.zeros(len(self.group_sizes))) if self.key_scale == "learned" else None
+        )
 
     @property
     def aux_loss_kind(self) -> str:
@@ -143,7 +163,8 @@ class MixSGAAttention(nn.Module):
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, group_sizes={self.group_sizes}, ratios={self.ratios}, "
             f"kv_fraction={self.kv_fraction():.4g}, aux_loss={self.aux_loss_kind!r}, aux_alpha={self.aux_alpha}, "
-            f"prefill_routing={self.prefill_routing!r}"
+            f"prefill_routing={self.prefill_routing!r}, key_scale={self.key_scale!r}, "
+            f"routing_signal={self.routing_signal!r}"
         )
 
     def forward(
@@ -211,11 +232,30 @@ class MixSGAAttention(nn.Module):
             # Decode / continuation: causal argmax routing (expert choice over a few new tokens means nothing).
             idx = self.router.argmax_route(scores)
             return MixSGAOutput(self._attend(x, idx, valid, positions, cache, layer_idx, False, rope), zero, idx, idx)
-        target = self.router.route(scores, valid)
+        target = self.router.route(self._importance(x, scores), valid)
         expert_idx = self.router.argmax_route(scores) if self.prefill_routing == "argmax" else target
         aux = zero if self.aux_alpha == 0.0 else self.router.aux_loss(logits, target, valid) * self.aux_alpha
         out = self._attend(x, expert_idx, valid, positions, cache, layer_idx, True, rope)
         return MixSGAOutput(out, aux, expert_idx, target)
+
+    def _importance(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """What expert choice ranks ([B, L, E]): the router's scores, or every expert's column set to the
+        token's pooling error (routing_signal), so the finest expert takes the tokens pooling damages most."""
+        if self.routing_signal == "router":
+            return scores
+        open_groups = [g for g, r in zip(self.group_sizes, self.ratios) if r > 0.0]
+        err = pooling_error(x, self.k_proj, self.v_proj, max(open_groups), self.head_dim)
+        return err.unsqueeze(-1).expand(*err.shape, len(self.group_sizes))
+
+    def key_scales(self) -> torch.Tensor | None:
+        """The factor each expert's pooled keys are multiplied by ([E], the parameters' dtype), or None for
+        key_scale="none" (plain mean pooling, the paper)."""
+        w = self.q_proj.weight
+        if self.key_scale == "none":
+            return None
+        if self.key_scale == "group":
+            return torch.tensor(self.group_sizes, dtype=w.dtype, device=w.device)
+        return self.key_log_scale.to(w.dtype).exp()
 
     def cache_options(self, num_layers: int = 1):
         """``mixsga._C.HeteroKVCacheOptions`` matching this layer (KV heads, head dim, group sizes, dtype,
@@ -252,12 +292,13 @@ class MixSGAAttention(nn.Module):
     def routing_agreement(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> RoutingAgreement:
-        """How well the router's argmax (the causal decode routing) reproduces expert choice on given text
+        """How well the router's argmax (the causal decode routing) reproduces expert choice (over the
+        router's scores, or over the pooling error with routing_signal="pooling_error") on given text
         [B, L, D] (optional [B, L] padding mask). Eager only (it reads values back)."""
         valid, _ = self._check_inputs(hidden_states, attention_mask, None)
         scores = self.router.scores(hidden_states)
         argmax = self.router.argmax_route(scores)
-        choice = self.router.route(scores, valid)
+        choice = self.router.route(self._importance(hidden_states, scores), valid)  # what prefill routes by
         if valid is None:
             valid = torch.ones_like(argmax, dtype=torch.bool)
         n = max(1.0, float(valid.sum()))
@@ -300,10 +341,18 @@ class MixSGAAttention(nn.Module):
                 )
             if attention_mask.device != x.device:
                 raise ValueError(f"attention_mask: expected device {x.device}, got {attention_mask.device}")
+            if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+                raise TypeError(f"attention_mask: expected a bool or integer 0/1 mask, got {attention_mask.dtype}")
             valid = attention_mask.ne(0)
             # A data-dependent check: eager only (under torch.compile it would break the graph; the
             # routing op then raises the same error, naming valid_mask, when the graph runs).
             if B > 0 and L > 0 and not torch.compiler.is_compiling():
+                bad = (attention_mask.ne(0) & attention_mask.ne(1)).nonzero()
+                if bad.numel() > 0:
+                    b, t = int(bad[0, 0]), int(bad[0, 1])
+                    raise ValueError(
+                        f"attention_mask: must hold only 0 and 1, got {attention_mask[b, t].item()} at [{b}, {t}]"
+                    )
                 empty = (~valid.any(1)).nonzero()
                 if empty.numel() > 0:
                     raise ValueError(
@@ -329,7 +378,7 @@ class MixSGAAttention(nn.Module):
             if past_batch not in (0, B):
                 raise ValueError(f"hidden_states: batch size {B} does not match the cache's batch size {past_batch}")
         if position_ids is not None:
-            check_tensor(position_ids, "position_ids")
+            check_integer(position_ids, "position_ids")
             if not (
                 (position_ids.dim() == 2 and tuple(position_ids.shape) == (B, L))
                 or (position_ids.dim() == 1 and position_ids.shape[0] == L)
@@ -363,6 +412,9 @@ class MixSGAAttention(nn.Module):
             k, v = single_token_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)  # decode, one sequence
         else:
             k, v = grouped_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)
+        scales = self.key_scales()
+        if scales is not None:  # extension E1: calibrated pooled keys (values are never scaled)
+            k = k * scales[expert_idx].view(B, L, 1, 1)
         q = self.q_proj(x).view(B, L, Hq, d)
         if rope is None:  # the layer's own plain RoPE; angles computed once for q and k
             rope = rope_angles(positions, d, self.rope_theta, x.dtype, x.device)
@@ -393,20 +445,9 @@ class MixSGAAttention(nn.Module):
             return torch.ops.mixsga.hetero_decode_attention(q[:, 0], keys, values, lengths, self.num_kv_heads, None)[
                 :, None
             ]
-        # A chunk after cached tokens: expand the compact pools on the fly (plain decoding uses the
-        # compact kernel above).
-        lengths = lengths.to(q.device)
-        key_pos, stored = [], []
-        for e, g in enumerate(self.group_sizes):
-            key_pos.append(cache.positions(layer_idx)[e].long())
-            slots = torch.arange(keys[e].shape[2], device=q.device)
-            stored.append(slots[None, :] < lengths[:, e : e + 1])
-        k = torch.cat([kk.repeat_interleave(g, 1) for kk, g in zip(keys, self.group_sizes)], 2)
-        v = torch.cat([vv.repeat_interleave(g, 1) for vv, g in zip(values, self.group_sizes)], 2)
-        key_pos, stored = torch.cat(key_pos, 1), torch.cat(stored, 1)
+        # A chunk after cached tokens (chunked prefill, speculative verification): the compact pools,
+        # causal by the positions stored with them, never expanded to Hkv heads.
         query_pos = positions.expand(B, L) if positions.dim() == 1 else positions
-        mask = stored[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [B, L, T]
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k, v, attn_mask=mask[:, None], enable_gqa=self.num_heads != self.num_kv_heads
+        return torch.ops.mixsga.hetero_cache_attention(
+            q, query_pos, keys, values, cache.positions(layer_idx), lengths, self.num_kv_heads, None
         )
-        return attn.transpose(1, 2)

@@ -65,13 +65,26 @@ class ExpertChoiceRouter(nn.Module):
         return torch.ops.mixsga.route_expert_choice(scores.detach(), list(self.ratios), valid_mask)
 
     def argmax_route(self, scores: torch.Tensor) -> torch.Tensor:
-        """Causal per-token routing (METHOD.md step 3): scores [*, E] -> [*] int64. argmax returns the
-        first maximum, so ties go to the finer expert, as in expert choice."""
+        """Causal per-token routing (METHOD.md step 3): scores [*, E] -> [*] int64.
+
+        argmax returns the first maximum, so ties go to the finer expert, as in expert choice. NaN ranks
+        lowest, as in expert choice. An expert whose ratio is 0 has no capacity and is never chosen: a
+        token whose every positive-capacity score is NaN goes to the finest expert with capacity."""
         if scores.dim() < 1 or scores.shape[-1] != self.num_experts:
             raise ValueError(
                 f"scores: expected last dim {self.num_experts} (experts), got shape {shape_str(scores.shape)}"
             )
-        return scores.detach().argmax(-1)
+        s = scores.detach()
+        s = torch.where(s.isnan(), torch.full_like(s, float("-inf")), s)
+        closed = [e for e, r in enumerate(self.ratios) if r == 0.0]
+        if not closed:
+            return s.argmax(-1)
+        s[..., closed] = float("-inf")
+        idx = s.argmax(-1)
+        first_open = next(e for e, r in enumerate(self.ratios) if r > 0.0)
+        is_closed = torch.zeros(self.num_experts, dtype=torch.bool, device=s.device)
+        is_closed[closed] = True
+        return torch.where(is_closed[idx], torch.full_like(idx, first_open), idx)
 
     def aux_loss(
         self, logits: torch.Tensor, target: torch.Tensor, valid_mask: torch.Tensor | None = None

@@ -169,3 +169,20 @@ def _pooled_kv_weights(
         cached = (key, pooled)
         v_proj.__dict__["_mixsga_kv_pooled"] = cached
     return cached[1]
+
+
+def pooling_error(
+    x: torch.Tensor, k_proj: nn.Linear, v_proj: nn.Linear, group_size: int, head_dim: int
+) -> torch.Tensor:
+    """Each token's importance for routing (``routing_signal="pooling_error"``): how much mean-pooling
+    groups of ``group_size`` KV heads destroys its K and V, ``||KV_t - pool_g(KV_t)||^2`` summed over its
+    2*Hkv heads (K and V from the full projections, before RoPE, which is an isometry per head and so
+    leaves the error unchanged). No gradient. x [B, L, D] -> [B, L] float32 (float64 for float64 x)."""
+    with torch.no_grad():
+        weight, bias = stacked_kv_weight(k_proj, v_proj)
+        kv = F.linear(x.detach(), weight, bias)
+        B, L = x.shape[0], x.shape[1]
+        kv = kv.view(B, L, -1, group_size, head_dim)  # groups never straddle K and V (g divides Hkv)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        kv = kv.to(acc)
+        return (kv - kv.mean(3, keepdim=True)).square().sum((2, 3, 4))

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The demo is an application in examples/python, not part of the installed package.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "python"))
 from train_models import tiny_llama  # noqa: E402
 
 import mixsga.hf  # noqa: E402
 from mixsga.nn.shared_group_kv import pool_kv_weight  # noqa: E402
-from mixsga.train import demo  # noqa: E402
+from mixsga_demo import demo  # noqa: E402
 
 
 def test_every_model_names_its_verdict_arms_and_every_mixsga_arm_fits_its_groups():

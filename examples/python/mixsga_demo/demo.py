@@ -31,17 +31,16 @@ import platform
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from mixsga import hf
+from mixsga.nn.shared_group_kv import pool_kv_weight
+from mixsga.train.data import TokenBlocks
+from mixsga.train.evaluate import perplexity
+from mixsga.train.loop import TrainConfig, train
 
-from .. import hf  # noqa: E402
-from ..nn.shared_group_kv import pool_kv_weight  # noqa: E402
-from .corpus import load_corpus, split_texts, train_tokenizer  # noqa: E402
-from .data import TokenBlocks  # noqa: E402
-from .evaluate import perplexity  # noqa: E402
-from .loop import TrainConfig, train  # noqa: E402
+from .corpus import load_corpus, split_texts, train_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +50,8 @@ class Arm:
     method: "base" (unchanged), "gqa" (static mean-pooled GQA to ``kv_heads`` heads, in every layer, or
     in all but every ``keep_every``-th layer when given) or "mixsga" (``ratios`` over the model's group
     sizes). ``on_curve``: plotted on the mixSGA line (False for a second configuration at the same budget).
+    ``extended``: converted with the quality extensions (``mixsga.hf.RECOMMENDED``) and prepared
+    (``mixsga.hf.prepare``: calibrated key scales, warm-started routers) instead of the paper's method.
     """
 
     name: str
@@ -59,6 +60,7 @@ class Arm:
     kv_heads: int | None = None
     keep_every: int | None = None
     on_curve: bool = True
+    extended: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,7 @@ MODELS = {
             Arm("GQA-50%", "gqa", kv_heads=2),
             Arm("mixSGA 3:1:6 (50%)", "mixsga", (0.3, 0.1, 0.6)),
             Arm("mixSGA 1:1:2 (50%)", "mixsga", (0.25, 0.25, 0.5), on_curve=False),
+            Arm("mixSGA+E1-E3 3:1:6 (50%)", "mixsga", (0.3, 0.1, 0.6), on_curve=False, extended=True),
             Arm("mixSGA 0:0:1 (25%)", "mixsga", (0.0, 0.0, 1.0)),
             Arm("mixSGA 1:1:8 (35%)", "mixsga", (0.1, 0.1, 0.8)),
             Arm("mixSGA 1:1:0 (75%)", "mixsga", (0.5, 0.5, 0.0)),
@@ -93,6 +96,7 @@ MODELS = {
             Arm("GQA-33%", "gqa", kv_heads=1),
             Arm("GQA layer-mixed (51%)", "gqa", kv_heads=1, keep_every=4),
             Arm("mixSGA 1:3 (50%)", "mixsga", (0.25, 0.75)),
+            Arm("mixSGA+E1-E3 1:3 (50%)", "mixsga", (0.25, 0.75), on_curve=False, extended=True),
             Arm("mixSGA 0:1 (33%)", "mixsga", (0.0, 1.0)),
             Arm("mixSGA 1:5 (44%)", "mixsga", (1 / 6, 5 / 6)),
             Arm("mixSGA 1:1 (67%)", "mixsga", (0.5, 0.5)),
@@ -260,7 +264,11 @@ def _pool_layers(model, kv_heads: int, keep_every: int) -> None:
         attn.num_key_value_groups = model.config.num_attention_heads // kv_heads
 
 
-def _make_arm(base, arm: Arm, spec: DemoModel, cfg: DemoConfig):
+#: Learned key scales move about lr per AdamW step: they get their own rate (docs/METHOD.md, E1).
+KEY_SCALE_LR_MULTIPLIER = 20.0
+
+
+def _make_arm(base, arm: Arm, spec: DemoModel, cfg: DemoConfig, data: TokenBlocks):
     """(the arm's model, its KV budget relative to the base model)."""
     model = copy.deepcopy(base)
     base_heads = sum(_layer_kv_heads(base))
@@ -271,7 +279,12 @@ def _make_arm(base, arm: Arm, spec: DemoModel, cfg: DemoConfig):
             _pool_layers(model, arm.kv_heads, arm.keep_every)
         return model, sum(_layer_kv_heads(model)) / base_heads
     if arm.method == "mixsga":
-        hf.convert(model, group_sizes=spec.groups, ratios=arm.ratios, aux_alpha=cfg.aux_alpha, aux_loss=cfg.aux_loss)
+        extensions = hf.RECOMMENDED if arm.extended else {}
+        hf.convert(model, group_sizes=spec.groups, ratios=arm.ratios, aux_alpha=cfg.aux_alpha, aux_loss=cfg.aux_loss,
+                   **extensions)
+        if arm.extended:
+            pick = torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+            hf.prepare(model, data.train[pick[: max(1, 2 * cfg.batch)]])
         return model, hf.kv_fraction(model)
     return model, 1.0
 
@@ -357,11 +370,13 @@ def run(out_dir: Path, cfg: DemoConfig, threads: int = 2) -> dict:
     rows = []
     for arm in spec.arms:
         _log(f"arm {arm.name}: {cfg.arm_steps} continued steps")
-        model, kv_fraction = _make_arm(base, arm, spec, cfg)
+        model, kv_fraction = _make_arm(base, arm, spec, cfg, data)
         t0 = time.perf_counter()
+        multipliers = {"key_log_scale": KEY_SCALE_LR_MULTIPLIER} if arm.extended else {}
         result = train(model, data, TrainConfig(steps=cfg.arm_steps, batch_size=cfg.batch, lr=cfg.arm_lr,
-                                                seed=cfg.seed + 1, description=arm.name))
+                                                seed=cfg.seed + 1, description=arm.name, lr_multipliers=multipliers))
         row = {"arm": arm.name, "method": arm.method, "ratios": arm.ratios, "on_curve": arm.on_curve,
+               "extended": arm.extended,
                "train_seconds": time.perf_counter() - t0, "final_train_loss": result.losses[-1],
                "final_aux_loss": result.aux_losses[-1], "kv_fraction": kv_fraction}
         _set_prefill_routing(model, "expert_choice")
@@ -413,10 +428,13 @@ def render_markdown(report: dict) -> str:
                      f"{r['kv_bytes_per_token']:.0f} | {r['decode_tokens_per_s']:.1f} | {ratios} | {agree} |")
     by = {r["arm"]: r for r in report["arms"]}
     static, mix = by[report.get("static_50", "GQA-50%")], by[report.get("mixsga_50", "mixSGA 3:1:6 (50%)")]
-    verdict = "beats" if mix["ppl_expert_choice"] < static["ppl_expert_choice"] else "does not beat"
-    lines += ["", f"At a 50 % KV budget, {mix['arm']} {verdict} {static['arm']} on held-out perplexity "
-              f"({mix['ppl_expert_choice']:.2f} vs {static['ppl_expert_choice']:.2f} with expert-choice prefill; "
-              f"{mix['ppl_argmax']:.2f} with causal argmax routing).", "",
+    lines.append("")
+    for arm in [mix] + [r for r in report["arms"] if r.get("extended") and r["kv_fraction"] == mix["kv_fraction"]]:
+        verdict = "beats" if arm["ppl_expert_choice"] < static["ppl_expert_choice"] else "does not beat"
+        lines.append(f"At a 50 % KV budget, {arm['arm']} {verdict} {static['arm']} on held-out perplexity "
+                     f"({arm['ppl_expert_choice']:.2f} vs {static['ppl_expert_choice']:.2f} with expert-choice prefill; "
+                     f"{arm['ppl_argmax']:.2f} with causal argmax routing).")
+    lines += ["",
               f"Prompt for the samples: `{report['prompt'][-200:]!r}`", ""]
     lines += [f"- **{r['arm']}**: `{r['sample'][:200]!r}`" for r in report["arms"]]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Slow, obviously-correct pure-PyTorch references, written from ../shared/docs/METHOD.md alone (no
+"""Slow, obviously-correct pure-PyTorch references, written from docs/METHOD.md alone (no
 mixsga code is imported here), so the tests compare two independent implementations."""
 
 from __future__ import annotations

@@ -107,7 +107,9 @@ def test_aux_loss_contract():
         model(ids[:, :1], past_key_values=cache)
     assert float(mixsga.hf.aux_loss(model)) == 0.0
     plain = tiny_model()
-    assert float(mixsga.hf.aux_loss(plain)) == 0.0 and mixsga.hf.mixsga_layers(plain) == []
+    assert mixsga.hf.mixsga_layers(plain) == []
+    with pytest.raises(TypeError, match="mixsga.hf.convert"):
+        mixsga.hf.aux_loss(plain)
     assert mixsga.hf.kv_fraction(plain) == 1.0
 
 

@@ -31,11 +31,17 @@ def test_every_model_names_its_verdict_arms_and_every_mixsga_arm_fits_its_groups
                 assert f"({round(100 * budget)}%)" in arm.name, (arm, budget)  # the name states the budget
 
 
+def _data():
+    from mixsga.train.data import TokenBlocks
+
+    return TokenBlocks(torch.randint(0, 50, (4000,), generator=torch.Generator().manual_seed(0)), 16)
+
+
 def test_layer_mixed_gqa_pools_all_but_every_kth_layer_and_matches_a_hand_pooled_forward():
     torch.manual_seed(0)
     base = tiny_llama(mixsga_layers=False)  # 2 layers, 4 KV heads, float64
     model, fraction = demo._make_arm(base, demo.Arm("mixed", "gqa", kv_heads=1, keep_every=2),
-                                     demo.MODELS["tiny"], demo.DemoConfig.quick())
+                                     demo.MODELS["tiny"], demo.DemoConfig.quick(), _data())
     assert demo._layer_kv_heads(model) == [4, 1]  # layer 0 kept, layer 1 pooled to one head
     assert fraction == pytest.approx((4 + 1) / 8)
     assert demo._layer_kv_heads(base) == [4, 4]  # the base model is not touched
@@ -62,8 +68,9 @@ def test_layer_mixed_gqa_pools_all_but_every_kth_layer_and_matches_a_hand_pooled
 def test_mixsga_and_static_arms_report_their_budgets():
     base = tiny_llama(mixsga_layers=False)
     spec, cfg = demo.MODELS["tiny"], demo.DemoConfig.quick()
-    budgets = {a.name: demo._make_arm(base, a, spec, cfg)[1] for a in spec.arms}
+    budgets = {a.name: demo._make_arm(base, a, spec, cfg, _data())[1] for a in spec.arms}
     assert budgets["base (100%)"] == 1.0 and budgets["GQA-50%"] == pytest.approx(0.5)
+    assert budgets["mixSGA+E1-E3 3:1:6 (50%)"] == pytest.approx(0.5)
     assert budgets["mixSGA 3:1:6 (50%)"] == pytest.approx(0.5) and budgets["mixSGA 1:1:8 (35%)"] == pytest.approx(0.35)
 
 

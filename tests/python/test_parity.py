@@ -196,3 +196,53 @@ def test_cpp_compact_cache_decode_equals_python_full_forward():
     torch.testing.assert_close(cache.decode_ratios().sum(), torch.tensor(1.0, dtype=torch.float64))
     with pytest.raises(IndexError, match="layer: must be in \\[0, 1\\)"):
         cpp(x[:, :1], cache=cache, layer_idx=1)
+
+
+# Cases where the two layers once behaved differently (the architecture review); each must now agree.
+def _both_raise(make, exc, match):
+    for build in make:
+        with pytest.raises(exc, match=match):
+            build()
+
+
+def test_drift_argmax_routing_ranks_nan_lowest_and_skips_closed_experts_in_both():
+    nan = float("nan")
+    scores = torch.tensor([[nan, 0.2, 0.1], [0.9, nan, 0.3], [nan, nan, nan], [0.1, 0.9, 0.2]], dtype=torch.float64)
+    for ratios in ((0.3, 0.1, 0.6), (0.5, 0.0, 0.5)):
+        py, cpp = ExpertChoiceRouter(8, ratios), _C.ExpertChoiceRouter(8, ratios)
+        assert py.argmax_route(scores).tolist() == cpp.argmax_route(scores).tolist()
+    assert ExpertChoiceRouter(8, (0.5, 0.0, 0.5)).argmax_route(scores).tolist() == [2, 0, 0, 2]
+
+
+def test_drift_option_and_input_checks_agree():
+    _both_raise([lambda: MixSGAAttention(32, 4, 4, rope_theta=float("inf")),
+                 lambda: _C.MixSGAAttention(32, 4, 4, rope_theta=float("inf"))], ValueError,
+                "rope_theta: must be finite and > 0, got inf")
+    py, cpp = twins(torch.float64, hidden_size=32, num_heads=4, num_kv_heads=2, group_sizes=(1, 2), ratios=(0.5, 0.5))
+    x = torch.randn(1, 4, 32, dtype=torch.float64)
+    _both_raise([lambda: py(x, position_ids=torch.arange(4.0)), lambda: cpp(x, position_ids=torch.arange(4.0))],
+                TypeError, "position_ids: expected an integer dtype, got torch.float32")
+    _both_raise([lambda: py(x, torch.tensor([[1, 2, 1, 1]])), lambda: cpp(x, torch.tensor([[1, 2, 1, 1]]))],
+                ValueError, r"attention_mask: must hold only 0 and 1, got 2 at \[0, 1\]")
+    _both_raise([lambda: py(x, torch.ones(1, 4)), lambda: cpp(x, torch.ones(1, 4))],
+                TypeError, "attention_mask: expected a bool or integer 0/1 mask, got torch.float32")
+    for name, value in (("key_scale", "norm"), ("routing_signal", "oracle")):
+        _both_raise([lambda: MixSGAAttention(32, 4, 4, **{name: value}),
+                     lambda: _C.MixSGAAttention(32, 4, 4, **{name: value})], ValueError, f"{name}: must be one of")
+
+
+def test_drift_cache_keyword_and_no_dropout_with_a_cache():
+    # Both take the cache's layer as layer_idx, and neither applies attention dropout when a cache is
+    # given (inference), even in training mode: a chunk after cached tokens is deterministic in both.
+    config = dict(hidden_size=32, num_heads=4, num_kv_heads=2, group_sizes=(1, 2), ratios=(0.5, 0.5),
+                  attention_dropout=0.5)
+    py, cpp = twins(torch.float64, **config)
+    py.train(), cpp.train()
+    x = torch.randn(1, 9, 32, dtype=torch.float64)
+    outs = []
+    for module in (py, cpp):
+        cache = _C.HeteroKVCache(module.cache_options(num_layers=2))
+        with torch.no_grad():
+            module(x[:, :5], cache=cache, layer_idx=1)
+            outs.append(module(x[:, 5:], cache=cache, layer_idx=1)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)

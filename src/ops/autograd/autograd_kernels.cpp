@@ -31,16 +31,82 @@ class GroupedKVPoolFunction : public torch::autograd::Function<GroupedKVPoolFunc
   }
 };
 
+using ProjBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                        const at::Tensor&, const at::Tensor&,
+                                                                        c10::IntArrayRef, int64_t);
+
+const c10::TypedOperatorHandle<ProjBackwardOp>& grouped_kv_proj_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mixsga::_grouped_kv_proj_backward", "")
+                             .typed<ProjBackwardOp>();
+  return op;
+}
+
+// The backward op as a differentiable function (double backward of grouped_kv_proj, e.g. a gradient
+// penalty through torch.autograd.grad(..., create_graph=True)). Without it the op's inner out= GEMMs
+// would run under autograd and fail with torch's "out= ... don't support automatic differentiation".
+//
+// With G = grad_out, the backward is bilinear: grad_x = B_x(G, W) = S(G) P(W), grad_w = B_w(G, x) =
+// P^T(S(G)^T x), grad_b = P^T(sum S(G)) (S sums the heads of a group, P pools, as in the CPU kernel).
+// Its adjoints, for incoming (gg_x, gg_w, gg_b), are again the two registered ops:
+//   dG = grouped_kv_proj(gg_x, W, None) + grouped_kv_proj(x, gg_w, gg_b)   (S^T repeats, P^T spreads)
+//   dx = B_x(G, gg_w)   (grad_x of the backward op with gg_w as the weight)
+//   dW = B_w(G, gg_x)   (grad_w of the backward op with gg_x as the input)
+// They call through the dispatcher with autograd on, so higher orders work the same way.
+class GroupedKVProjBackwardFunction : public torch::autograd::Function<GroupedKVProjBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& x,
+                               const at::Tensor& weight, const at::Tensor& expert_idx, c10::IntArrayRef group_sizes,
+                               int64_t head_dim) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // Unused outputs (often grad_b) get no zero-filled gradient: backward skips their terms.
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad_out, x, weight, expert_idx});
+    ctx->saved_data["group_sizes"] = group_sizes.vec();
+    ctx->saved_data["head_dim"] = head_dim;
+    const auto [gx, gw, gb] = grouped_kv_proj_backward_op().call(grad_out, x, weight, expert_idx, group_sizes, head_dim);
+    return {gx, gw, gb};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &grad_out = saved[0], &x = saved[1], &weight = saved[2], &expert_idx = saved[3];
+    const auto group_sizes = ctx->saved_data["group_sizes"].toIntVector();
+    const int64_t head_dim = ctx->saved_data["head_dim"].toInt();
+    const auto &gg_x = grad[0], &gg_w = grad[1], &gg_b = grad[2];
+    at::Tensor d_grad_out, d_x, d_w;
+    if (gg_x.defined()) {
+      d_grad_out = ops::grouped_kv_proj(gg_x, weight, std::nullopt, expert_idx, group_sizes, head_dim);
+      d_w = std::get<1>(grouped_kv_proj_backward_op().call(grad_out.contiguous(), gg_x, weight, expert_idx,
+                                                           group_sizes, head_dim));
+    }
+    if (gg_w.defined() || gg_b.defined()) {
+      // A bias-only incoming gradient still needs a weight argument: zeros contribute nothing.
+      const auto w = gg_w.defined() ? gg_w : at::zeros_like(weight);
+      const auto from_params = ops::grouped_kv_proj(x, w, gg_b.defined() ? std::optional(gg_b) : std::nullopt,
+                                                    expert_idx, group_sizes, head_dim);
+      d_grad_out = d_grad_out.defined() ? d_grad_out + from_params : from_params;
+    }
+    if (gg_w.defined()) {
+      d_x = std::get<0>(grouped_kv_proj_backward_op().call(grad_out.contiguous(), x, gg_w, expert_idx, group_sizes,
+                                                           head_dim));
+    }
+    return {d_grad_out, d_x, d_w, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_idx,
+    c10::IntArrayRef group_sizes, int64_t head_dim) {
+  const auto grads = GroupedKVProjBackwardFunction::apply(grad_out, x, weight, expert_idx, group_sizes, head_dim);
+  return {grads[0], grads[1], grads[2]};
+}
+
 // Backward of grouped_kv_proj through the registered backward op (runs on the forward's backend).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_kv_proj_grads(AutogradContext* ctx, const at::Tensor& grad) {
   const auto saved = ctx->get_saved_variables();
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mixsga::_grouped_kv_proj_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           c10::IntArrayRef, int64_t)>();
-  return op.call(grad.contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["group_sizes"].toIntVector(),
-                 ctx->saved_data["head_dim"].toInt());
+  return grouped_kv_proj_backward_op().call(grad.contiguous(), saved[0], saved[1], saved[2],
+                                            ctx->saved_data["group_sizes"].toIntVector(),
+                                            ctx->saved_data["head_dim"].toInt());
 }
 
 void save_grouped_kv_proj(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -171,6 +237,7 @@ at::Tensor hetero_decode_attention_autograd(const at::Tensor& q, at::TensorList 
 TORCH_LIBRARY_IMPL(mixsga, Autograd, m) {
   m.impl("grouped_kv_pool", &grouped_kv_pool_autograd);
   m.impl("grouped_kv_proj", &grouped_kv_proj_autograd);
+  m.impl("_grouped_kv_proj_backward", &grouped_kv_proj_backward_autograd);
   m.impl("expert_scatter", &expert_scatter_autograd);
   m.impl("expert_gather", &expert_gather_autograd);
   m.impl("route_expert_choice", &route_expert_choice_autograd);

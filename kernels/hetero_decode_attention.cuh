@@ -39,6 +39,14 @@ struct DecodeWork {
   int64_t slot;         // partial slot of the chunk
 };
 
+// Cached tokens of sequence b in pool e. The host reads lengths only when they live on the CPU (no
+// device sync on the decode path), so device lengths arrive unchecked: clamping to [0, capacity]
+// keeps a bad value from reading out of bounds.
+__device__ __forceinline__ int64_t pool_length(const HeteroDecodeParams& p, int64_t b, int e) {
+  const int64_t length = p.lengths[b * p.num_pools + e];
+  return length < 0 ? 0 : min(length, p.pools[e].capacity);
+}
+
 __device__ __forceinline__ bool locate_work(const HeteroDecodeParams& p, int64_t item, int64_t b, DecodeWork& w) {
   int e = 0;
   while (e + 1 < p.num_pools && item >= p.pools[e + 1].first_item) ++e;
@@ -47,7 +55,7 @@ __device__ __forceinline__ bool locate_work(const HeteroDecodeParams& p, int64_t
   const int64_t tile = local % pool.query_tiles;
   local /= pool.query_tiles;
   const int64_t chunk_index = local % pool.num_chunks;
-  const int64_t length = p.lengths[b * p.num_pools + e];
+  const int64_t length = pool_length(p, b, e);
   const int64_t t0 = chunk_index * p.chunk;
   if (t0 >= length) return false;
   const int64_t per_head = (p.num_kv_heads / pool.compact_heads) * (p.query_heads / p.num_kv_heads);
@@ -187,10 +195,13 @@ __global__ void __launch_bounds__(kThreads)
     float m = -INFINITY;
     for (int t = lane; t < w.n; t += 32) m = fmaxf(m, srow[t] * scale_log2);
     m = warp_max(m);
+    // A chunk whose every score is -inf holds no probability mass: weights 0 (not 2^(-inf - -inf) =
+    // NaN), and the merge skips it, as the CPU kernel does.
+    const bool empty = m == -INFINITY;
     float l = 0.0f;
     for (int t = lane; t < padded; t += 32) {
       float e = 0.0f;
-      if (t < w.n) {
+      if (t < w.n && !empty) {
         e = exp2f(srow[t] * scale_log2 - m);
         l += e;
       }
@@ -294,9 +305,10 @@ __global__ void __launch_bounds__(kThreads) decode_split_generic_kernel(const __
     A m = -INFINITY;
     for (int t = lane; t < w.n; t += 32) m = max(m, row[t] * scale_log2);
     m = warp_max(m);
+    const bool empty = m == A(-INFINITY);  // every score -inf: weights 0, see the tensor-core kernel
     A l = 0;
     for (int t = lane; t < w.n; t += 32) {
-      const A e = exp2_acc(row[t] * scale_log2 - m);
+      const A e = empty ? A(0) : exp2_acc(row[t] * scale_log2 - m);
       row[t] = e;
       l += e;
     }
@@ -333,7 +345,10 @@ __global__ void __launch_bounds__(kThreads) decode_split_generic_kernel(const __
 // ---- merge -------------------------------------------------------------------------------------
 
 // One block per (b, query head): log-sum-exp over the chunks that hold a partial (the first
-// ceil(length / chunk) slots of every pool). No cached token at all gives zeros.
+// ceil(length / chunk) slots of every pool). No cached token at all gives zeros. A chunk of weight
+// 0 (every score -inf, or so far below the max that 2^(max_c - max) underflows) is skipped rather
+// than multiplied in: 0 * its sum or accumulators could be 0 * inf = NaN. The CPU merge skips the
+// same chunks, so both give the same (finite) answer.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const __grid_constant__ HeteroDecodeParams p) {
   using A = acc_type<T>;
@@ -341,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const __grid_con
   const A* pmax = static_cast<const A*>(p.partial_max) + bh * p.slots;
   const A* psum = static_cast<const A*>(p.partial_sum) + bh * p.slots;
   const A* pacc = static_cast<const A*>(p.partial_acc) + bh * p.slots * p.head_dim;
-  auto used_chunks = [&](int e) { return (p.lengths[b * p.num_pools + e] + p.chunk - 1) / p.chunk; };
+  auto used_chunks = [&](int e) { return (pool_length(p, b, e) + p.chunk - 1) / p.chunk; };
 
   A m = -INFINITY;
   for (int e = 0; e < p.num_pools; ++e) {
@@ -353,7 +368,10 @@ __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const __grid_con
   if (any) {
     for (int e = 0; e < p.num_pools; ++e) {
       const int64_t first = p.pools[e].first_slot, used = used_chunks(e);
-      for (int64_t c = 0; c < used; ++c) denom += exp2_acc(pmax[first + c] - m) * psum[first + c];
+      for (int64_t c = 0; c < used; ++c) {
+        const A w = exp2_acc(pmax[first + c] - m);
+        if (w != A(0)) denom += w * psum[first + c];
+      }
     }
   }
   const A inv = denom > A(0) ? A(1) / denom : A(0);
@@ -363,7 +381,10 @@ __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const __grid_con
     if (any) {
       for (int e = 0; e < p.num_pools; ++e) {
         const int64_t first = p.pools[e].first_slot, used = used_chunks(e);
-        for (int64_t c = 0; c < used; ++c) acc += exp2_acc(pmax[first + c] - m) * pacc[(first + c) * p.head_dim + x];
+        for (int64_t c = 0; c < used; ++c) {
+          const A w = exp2_acc(pmax[first + c] - m);
+          if (w != A(0)) acc += w * pacc[(first + c) * p.head_dim + x];
+        }
       }
     }
     out[x] = narrow_to<T>(acc * inv);

@@ -1,11 +1,36 @@
 #pragma once
 // Argument checks of hetero_decode_attention, shared by the CPU and CUDA kernels.
+//
+// Decode runs once per generated token, so the checks must not synchronise with the device: shapes,
+// dtypes and devices are host metadata and always checked, but the values of `lengths` are read only
+// when they already live on the host (a CPU tensor, as HeteroKVCache hands them out). Lengths on a
+// GPU stay there unread; the CUDA kernels clamp them to [0, capacity], so a bad value cannot read
+// out of bounds. MIXSGA_DEBUG_CHECKS=1 in the environment reads them anyway (one sync per call).
 #include <ATen/ATen.h>
 #include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "ops/validation.h"
 
 namespace mixsga::detail {
+
+/// Whether MIXSGA_DEBUG_CHECKS is set (to anything but "" or "0"): read once per process.
+inline bool debug_checks_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MIXSGA_DEBUG_CHECKS");
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  return enabled;
+}
+
+/// Whether the decode checks read the values of `lengths`: on the host they cost nothing; on a
+/// device reading them would block the host until the GPU catches up, so only in debug mode.
+inline bool decode_checks_read_lengths(const at::Tensor& lengths) {
+  return lengths.device().is_cpu() || debug_checks_enabled();
+}
 
 struct DecodeShapes {
   int64_t batch, query_heads, head_dim, experts;
@@ -43,12 +68,21 @@ inline DecodeShapes check_decode_attention_args(const at::Tensor& q, at::TensorL
     TORCH_CHECK_VALUE(v_pools[e].sizes().equals(k_pools[e].sizes()),
                       fmt::format("v_pools[{}]: expected the shape of k_pools[{}] {}, got {}", e, e,
                                   shape_str(k_pools[e].sizes()), shape_str(v_pools[e].sizes())));
-    if (B > 0) {
-      const auto col = lengths.select(1, e);
-      const auto [lo, hi] = at::aminmax(col);
-      TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= k_pools[e].size(2),
+  }
+  if (B > 0 && decode_checks_read_lengths(lengths)) {
+    // One host copy at most (a no-op for CPU int64 lengths), then a plain loop: no per-column
+    // aminmax temporaries and no item() calls.
+    const auto len = lengths.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* lp = len.const_data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t lo = lp[e], hi = lp[e];
+      for (int64_t b = 1; b < B; ++b) {
+        lo = std::min(lo, lp[b * E + e]);
+        hi = std::max(hi, lp[b * E + e]);
+      }
+      TORCH_CHECK_VALUE(lo >= 0 && hi <= k_pools[e].size(2),
                         fmt::format("lengths: column {} must be in [0, {}] (the pool's token dim), got values in [{}, {}]",
-                                    e, k_pools[e].size(2), lo.item<int64_t>(), hi.item<int64_t>()));
+                                    e, k_pools[e].size(2), lo, hi));
     }
   }
   return {B, Hq, d, E};

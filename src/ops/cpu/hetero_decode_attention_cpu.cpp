@@ -68,6 +68,9 @@ MIXSGA_CPU_CLONES void attend_block_f32(const float* q, int64_t nh, int64_t d, c
     float block_max = sj[0];
     for (int64_t t = 1; t < T; ++t) block_max = sj[t] > block_max ? sj[t] : block_max;
     const float new_m = m[j] > block_max ? m[j] : block_max;
+    // Every score so far is -inf (e.g. keys with -inf entries): nothing to add, and exp(-inf - -inf)
+    // would be NaN and poison the sum even after finite scores arrive.
+    if (new_m == -std::numeric_limits<float>::infinity()) continue;
     const float alpha = std::exp(m[j] - new_m);  // 0 when m[j] = -inf
     float sum = 0.f;
     for (int64_t t = 0; t < T; ++t) {
@@ -151,6 +154,7 @@ void attend_pool_f64(const double* q, int64_t nh, int64_t d, const double* keys,
       double s = 0;
       for (int64_t i = 0; i < d; ++i) s += q[j * d + i] * k[i];
       const double new_m = std::max(m[j], s);
+      if (new_m == -std::numeric_limits<double>::infinity()) continue;  // see attend_block_f32
       const double alpha = std::exp(m[j] - new_m), p = std::exp(s - new_m);
       l[j] = l[j] * alpha + p;
       m[j] = new_m;

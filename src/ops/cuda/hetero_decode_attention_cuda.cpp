@@ -32,8 +32,11 @@ at::Tensor hetero_decode_attention_cuda(const at::Tensor& q, at::TensorList k_po
   auto out = at::empty_like(q, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
 
-  const auto qc = q.contiguous();
-  const auto len = lengths.to(q.device(), at::kLong).contiguous();  // a CPU [B, E] tensor is copied over
+  const auto qc = q.contiguous();  // no copy when q is contiguous, as the decode path hands it over
+  // Device lengths stay there (int32 is widened by a kernel); CPU lengths (HeteroKVCache's) are
+  // copied over without blocking: a blocking copy would synchronise the stream on every decode step,
+  // and cudaMemcpyAsync stages pageable memory before it returns, so the source may go right after.
+  const auto len = lengths.to(q.device(), at::kLong, /*non_blocking=*/true).contiguous();
   kernels::HeteroDecodeParams params{};
   params.q = qc.const_data_ptr();
   params.out = out.mutable_data_ptr();

@@ -2,6 +2,7 @@
 // nvcc work of a clean build to a few files that compile in parallel.
 #include "grouped_kv.cuh"
 #include "hetero_decode_attention.cuh"
+#include "rope_rotate.cuh"
 #include "routing.cuh"
 
 namespace mixsga::kernels {
@@ -11,5 +12,6 @@ template void launch_group_reduce<float>(const GroupReduceParams&, cudaStream_t)
 template void launch_expand_rows<float>(const ExpandRowsParams&, cudaStream_t);
 template void launch_route_expert_choice<float>(const RouteExpertChoiceParams&, cudaStream_t);
 template void launch_hetero_decode_attention<float>(const HeteroDecodeParams&, cudaStream_t);
+template void launch_rope_rotate<float>(const RopeRotateParams&, cudaStream_t);
 
 }  // namespace mixsga::kernels

@@ -64,7 +64,7 @@ torch::Tensor gradient_of(const std::function<torch::Tensor(const torch::Tensor&
 TEST(CudaRegistration, EveryOpHasACudaKernelOrNoneHas) {
   const char* names[] = {"mixsga::route_expert_choice", "mixsga::grouped_kv_pool",   "mixsga::grouped_kv_proj",
                          "mixsga::_grouped_kv_proj_backward", "mixsga::expert_permutation", "mixsga::expert_scatter",
-                         "mixsga::expert_gather",     "mixsga::hetero_decode_attention"};
+                         "mixsga::expert_gather",     "mixsga::hetero_decode_attention", "mixsga::rope_rotate"};
   int with_cuda = 0;
   for (const char* name : names) {
     const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
@@ -233,14 +233,22 @@ TEST(CudaGrad, GroupedKVProj_CUDA) {
   std::vector<torch::Tensor> idx_cases{torch::randint(0, 3, {2, 9}), torch::full({2, 9}, 2, torch::kLong)};
   for (const auto& idx : idx_cases) {
     auto run = [&](const torch::Device& device) {
-      auto xs = x.to(device).requires_grad_(true), ws = w.to(device).requires_grad_(true),
-           bs = b.to(device).requires_grad_(true);
+      // Fresh leaves on both devices: to(kCPU) of a CPU tensor returns that very tensor, so
+      // requires_grad_ on it would mark x itself, and the CUDA copies would then be non-leaves
+      // without a .grad() (an empty comparison that passes).
+      auto leaf = [&](const torch::Tensor& t) { return t.to(device).detach().clone().requires_grad_(true); };
+      auto xs = leaf(x), ws = leaf(w), bs = leaf(b);
       (ops::grouped_kv_proj(xs, ws, bs, idx.to(device), kGroups, d) * upstream.to(device)).sum().backward();
       return std::vector<torch::Tensor>{xs.grad(), ws.grad(), bs.grad()};
     };
     const auto want = run(torch::kCPU);
     const auto got = run(torch::kCUDA);
-    for (size_t i = 0; i < 3; ++i) EXPECT_LE(max_diff(got[i], want[i]), 1e-10) << "gradient " << i;
+    ASSERT_FALSE(x.requires_grad() || w.requires_grad() || b.requires_grad());
+    for (size_t i = 0; i < 3; ++i) {
+      ASSERT_TRUE(want[i].defined() && got[i].defined()) << "gradient " << i << " was not computed";
+      ASSERT_EQ(got[i].device().type(), torch::kCUDA) << "gradient " << i;
+      EXPECT_LE(max_diff(got[i], want[i]), 1e-10) << "gradient " << i;
+    }
   }
   // Finite differences on the device, with and without bias.
   const auto idx = on_gpu(torch::randint(0, 3, {2, 5}));
@@ -275,6 +283,32 @@ TEST(CudaGrad, GroupedKVProj_CUDA) {
   EXPECT_EQ(ex.sizes(), (std::vector<int64_t>{0, D}));
   EXPECT_EQ(ew.abs().sum().item<double>(), 0.0);
   EXPECT_EQ(eb.abs().sum().item<double>(), 0.0);
+}
+
+TEST(CudaGrad, GroupedKVProjDoubleBackward_CUDA) {
+  SKIP_WITHOUT_CUDA();
+  torch::manual_seed(20);
+  const int64_t Hkv = 4, d = 3, D = 5;
+  const auto x = torch::randn({2, 7, D}, torch::kDouble), w = torch::randn({Hkv * d, D}, torch::kDouble);
+  const auto b = torch::randn({Hkv * d}, torch::kDouble), u = torch::randn({2, 7, Hkv, d}, torch::kDouble);
+  const auto px = torch::randn_like(x), pw = torch::randn_like(w), pb = torch::randn_like(b);
+  const auto idx = torch::randint(0, 3, {2, 7});
+  // A gradient penalty: <d<f, u>/d(x, w, b), probes>, differentiated again with respect to x, w and u.
+  auto run = [&](const torch::Device& device) {
+    auto leaf = [&](const torch::Tensor& t) { return t.to(device).detach().clone().requires_grad_(true); };
+    auto xs = leaf(x), ws = leaf(w), bs = leaf(b), us = leaf(u);
+    const auto first = torch::autograd::grad({(ops::grouped_kv_proj(xs, ws, bs, idx.to(device), kGroups, d) * us).sum()},
+                                             {xs, ws, bs}, {}, true, true);
+    const auto penalty =
+        (first[0] * px.to(device)).sum() + (first[1] * pw.to(device)).sum() + (first[2] * pb.to(device)).sum();
+    return torch::autograd::grad({penalty}, {xs, ws, us});
+  };
+  const auto want = run(torch::kCPU);
+  const auto got = run(torch::kCUDA);
+  for (size_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(want[i].defined() && got[i].defined()) << "second-order gradient " << i;
+    EXPECT_LE(max_diff(got[i], want[i]), 1e-10) << "second-order gradient " << i;
+  }
 }
 
 // ---- expert_permutation / expert_scatter / expert_gather ----------------------------------------
@@ -458,6 +492,114 @@ TEST(CudaParity, HeteroDecodeAttention_CUDA) {
   EXPECT_THROW(ops::hetero_decode_attention(on_gpu(torch::randn({1, 4, 300})), {on_gpu(torch::randn({1, 2, 3, 300}))},
                                             {on_gpu(torch::randn({1, 2, 3, 300}))}, torch::tensor({{3}}), 2),
                c10::ValueError);
+}
+
+TEST(CudaParity, HeteroDecodeAttentionKeysScoredMinusInfinity_CUDA) {
+  // Chunks whose every score is -inf (keys with a -inf entry against a positive query entry) carry
+  // no probability mass: the merge must skip them (0 * NaN partials gave NaN), as the CPU kernel does.
+  SKIP_WITHOUT_CUDA();
+  torch::manual_seed(21);
+  const int64_t B = 2, Hq = 8, Hkv = 4, d = 64;
+  const std::vector<int64_t> groups{1, 4}, capacities{600, 300};
+  const double inf = std::numeric_limits<double>::infinity();
+  for (auto dtype : kAllDtypes) {
+    std::vector<torch::Tensor> k, v;
+    for (size_t e = 0; e < groups.size(); ++e) {
+      k.push_back(torch::randn({B, Hkv / groups[e], capacities[e], d}, torch::kDouble));
+      v.push_back(torch::randn({B, Hkv / groups[e], capacities[e], d}, torch::kDouble));
+    }
+    auto q = torch::randn({B, Hq, d}, torch::kDouble);
+    q.select(2, 0).abs_().add_(0.5);  // q[..., 0] > 0: a key with k[0] = -inf scores -inf
+    // Sequence 0: the first 256 tokens of pool 0 (whole chunks) and a run inside pool 1 score -inf.
+    k[0][0].narrow(1, 0, 256).select(2, 0).fill_(-inf);
+    k[1][0].narrow(1, 40, 30).select(2, 0).fill_(-inf);
+    // Sequence 1: every key of pool 1 scores -inf (the whole pool is skipped).
+    k[1][1].select(2, 0).fill_(-inf);
+    const auto lengths = torch::tensor({{600, 300}, {500, 300}});
+    std::vector<torch::Tensor> kc, vc, kg, vg;
+    for (size_t e = 0; e < k.size(); ++e) {
+      kc.push_back(k[e].to(dtype));
+      vc.push_back(v[e].to(dtype));
+      kg.push_back(on_gpu(kc.back()));
+      vg.push_back(on_gpu(vc.back()));
+    }
+    const auto cpu = ops::hetero_decode_attention(q.to(dtype), kc, vc, lengths, Hkv);
+    const auto got = ops::hetero_decode_attention(on_gpu(q.to(dtype)), kg, vg, lengths, Hkv);
+    ASSERT_TRUE(torch::isfinite(got).all().item<bool>()) << dtype;
+    ASSERT_TRUE(torch::isfinite(cpu).all().item<bool>()) << dtype;
+    EXPECT_LE(max_diff(got, cpu), tolerance(dtype, 2.0)) << dtype;
+  }
+}
+
+// ---- rope_rotate ----------------------------------------------------------------------------------
+
+TEST(CudaParity, RopeRotate_CUDA) {
+  SKIP_WITHOUT_CUDA();
+  torch::manual_seed(22);
+  for (int64_t d : {2, 8, 64, 130}) {
+    for (bool per_batch : {false, true}) {
+      const int64_t B = 3, L = 7, H = 5;
+      const auto x = torch::randn({B, L, H, d}, torch::kDouble);
+      const auto angles = torch::randn({per_batch ? B : 1, L, d}, torch::kDouble) * 3;
+      const auto cos = angles.cos(), sin = angles.sin() * 1.3;  // not a rotation: the transpose is exercised
+      for (bool transpose : {false, true}) {
+        for (auto dtype : kAllDtypes) {
+          const auto want = ops::rope_rotate(x.to(dtype), cos.to(dtype), sin.to(dtype), transpose);
+          const auto got = ops::rope_rotate(on_gpu(x.to(dtype)), on_gpu(cos.to(dtype)), on_gpu(sin.to(dtype)), transpose);
+          ASSERT_EQ(got.device().type(), torch::kCUDA);
+          ASSERT_EQ(got.scalar_type(), dtype);
+          ASSERT_TRUE(got.is_contiguous());
+          const auto what = fmt::format("d={} per_batch={} transpose={} dtype={}", d, per_batch, transpose,
+                                        c10::toString(dtype));
+          // Products are rounded alone on both sides (no FMA): one rounding of the result apart at most.
+          EXPECT_LE(max_diff(got, want), tolerance(dtype, 4.0)) << what;
+          if (dtype == torch::kDouble) {
+            // And against the composite form, written out independently of both kernels.
+            const auto half = d / 2;
+            const auto rot = torch::cat({-x.narrow(3, half, half), x.narrow(3, 0, half)}, 3);
+            const auto composite = transpose
+                                       ? x * cos.unsqueeze(2) +
+                                             torch::cat({(x * sin.unsqueeze(2)).narrow(3, half, half),
+                                                         -(x * sin.unsqueeze(2)).narrow(3, 0, half)},
+                                                        3)
+                                       : x * cos.unsqueeze(2) + rot * sin.unsqueeze(2);
+            EXPECT_LE(max_diff(got, composite), 1e-12) << what;
+          }
+        }
+      }
+    }
+  }
+  // Strided heads (k and v views of one tensor), a non-contiguous head dim, empty inputs, bad input.
+  const auto kv = torch::randn({2, 4, 6, 8}, torch::kDouble);
+  const auto cos = torch::randn({1, 4, 8}, torch::kDouble), sin = torch::randn({1, 4, 8}, torch::kDouble);
+  const auto k = kv.narrow(2, 3, 3);
+  ASSERT_FALSE(k.is_contiguous());
+  EXPECT_LE(max_diff(ops::rope_rotate(on_gpu(kv).narrow(2, 3, 3), on_gpu(cos), on_gpu(sin)), ops::rope_rotate(k, cos, sin)),
+            1e-12);
+  const auto xt = torch::randn({2, 4, 8, 3}, torch::kDouble).transpose(2, 3);  // head dim stride 3
+  EXPECT_LE(max_diff(ops::rope_rotate(on_gpu(xt), on_gpu(cos), on_gpu(sin)), ops::rope_rotate(xt, cos, sin)), 1e-12);
+  EXPECT_EQ(ops::rope_rotate(on_gpu(torch::randn({0, 4, 3, 8})), on_gpu(cos.to(torch::kFloat)),
+                             on_gpu(sin.to(torch::kFloat)))
+                .sizes(),
+            (std::vector<int64_t>{0, 4, 3, 8}));
+  EXPECT_THROW(ops::rope_rotate(on_gpu(torch::randn({2, 4, 3, 8})), cos.to(torch::kFloat), sin.to(torch::kFloat)),
+               c10::ValueError);
+}
+
+TEST(CudaGrad, RopeRotate_CUDA) {
+  SKIP_WITHOUT_CUDA();
+  torch::manual_seed(23);
+  const auto x = torch::randn({2, 5, 3, 6}, torch::kDouble), weights = torch::randn({2, 5, 3, 6}, torch::kDouble);
+  const auto cos = torch::randn({2, 5, 6}, torch::kDouble), sin = torch::randn({2, 5, 6}, torch::kDouble);
+  const auto want = gradient_of([&](const torch::Tensor& t) { return ops::rope_rotate(t, cos, sin); }, x, weights);
+  const auto got = gradient_of([&](const torch::Tensor& t) { return ops::rope_rotate(t, on_gpu(cos), on_gpu(sin)); },
+                               on_gpu(x), on_gpu(weights));
+  ASSERT_TRUE(want.defined() && got.defined());
+  EXPECT_LE(max_diff(got, want), 1e-12);
+  const double err = max_gradient_error(
+      [&](const std::vector<torch::Tensor>& in) { return ops::rope_rotate(in[0], on_gpu(cos), on_gpu(sin)); },
+      {on_gpu(torch::randn({2, 5, 3, 6}))});
+  EXPECT_LT(err, 1e-7);
 }
 
 // ---- the layer on the GPU -----------------------------------------------------------------------

@@ -98,3 +98,35 @@ def test_bad_input_names_the_argument_and_the_value(args, error, words):
         rope_rotate(*args)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def _cuda_rope_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("mixsga::rope_rotate", "CUDA"):
+        pytest.skip("libmixsga was built without CUDA kernels")
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("angle_batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_kernel_matches_the_cpu_op(transpose, angle_batch, dtype):
+    _cuda_rope_or_skip()
+    x = torch.randn(6, 2, 5, 8, dtype=torch.float64).transpose(0, 1)[:3]  # strided leading dims
+    cos, sin = angles(angle_batch, 6, 8)
+    want = rope_rotate(x.to(dtype), cos.to(dtype), sin.to(dtype), transpose)
+    got = rope_rotate(x.to(dtype).cuda(), cos.to(dtype).cuda(), sin.to(dtype).cuda(), transpose)
+    assert got.device.type == "cuda" and got.dtype == dtype and got.is_contiguous()
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.cpu().double(), want.double(), rtol=tol, atol=tol)
+    if dtype == torch.float64:
+        ref = rotate_reference(x, cos, sin) if not transpose else None
+        if ref is not None:
+            torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-14)
+
+
+def test_cuda_gradcheck_in_x():
+    _cuda_rope_or_skip()
+    x = torch.randn(2, 3, 2, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    cos, sin = (t.cuda() for t in angles(2, 3, 6))
+    assert torch.autograd.gradcheck(lambda t: rope_rotate(t, cos, sin), (x,))

@@ -1,4 +1,4 @@
-"""Side-by-side CPU timings of a mixSGA layer against what a user would otherwise run.
+"""Side-by-side timings (CPU, or CUDA with --device cuda) of a mixSGA layer against what a user would otherwise run.
 
 Arms (same shape, same weights where they share them):
   mixsga     mixsga.nn.MixSGAAttention, 3:1:6 over (1, 2, 4) (50 % KV budget)
@@ -8,7 +8,7 @@ Arms (same shape, same weights where they share them):
   gqa50      static GQA at the same budget (Hkv/2 mean-pooled heads), SDPA with enable_gqa
   base       the base layer (all Hkv heads), SDPA with enable_gqa
 
-Usage: python benchmarks/compare.py [--quick] [--out out/bench/compare.md]
+Usage: python benchmarks/compare.py [--quick] [--device cpu|cuda] [--out out/bench/compare.md]
 Writes a markdown table of times and ratios (mixsga / arm), measured side by side in one run with
 torch.utils.benchmark (blocked_autorange).
 """
@@ -35,7 +35,7 @@ RATIOS = (0.3, 0.1, 0.6)
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """HF Llama RoPE on [B, L, H, d]."""
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], -1)
     cos, sin = emb.cos().to(x.dtype)[None, :, None, :], emb.sin().to(x.dtype)[None, :, None, :]
@@ -54,9 +54,10 @@ class NaiveMixSGA(torch.nn.Module):
 
     def route(self, scores: torch.Tensor) -> torch.Tensor:
         B, L, E = scores.shape
-        idx = torch.full((B, L), E - 1, dtype=torch.long)
+        # Built on the scores' device: a CPU mask cannot index CUDA scores (and vice versa).
+        idx = torch.full((B, L), E - 1, dtype=torch.long, device=scores.device)
         for b in range(B):
-            free = torch.ones(L, dtype=torch.bool)
+            free = torch.ones(L, dtype=torch.bool, device=scores.device)
             for e in range(E - 1):
                 k = min(math.ceil(RATIOS[e] * L - 1e-6), int(free.sum()))
                 if k == 0:
@@ -81,7 +82,7 @@ class NaiveMixSGA(torch.nn.Module):
         pick = idx[:, :, None, None, None].expand(B, L, 1, Hkv, d)
         k = torch.stack(k_all, 2).gather(2, pick).squeeze(2)
         v = torch.stack(v_all, 2).gather(2, pick).squeeze(2)
-        pos = torch.arange(L)
+        pos = torch.arange(L, device=x.device)
         q = rope(lay.q_proj(x).view(B, L, self.heads, d), pos).transpose(1, 2)
         k = rope(k, pos).transpose(1, 2).repeat_interleave(self.heads // Hkv, 1)
         v = v.transpose(1, 2).repeat_interleave(self.heads // Hkv, 1)
@@ -97,15 +98,16 @@ class StaticGQA(torch.nn.Module):
         self.heads, self.kv_heads, self.d = layer.num_heads, layer.num_kv_heads // group, layer.head_dim
         D = layer.q_proj.in_features
         self.q_proj, self.o_proj = layer.q_proj, layer.o_proj
-        self.k_proj = torch.nn.Linear(D, self.kv_heads * self.d, bias=False, dtype=layer.q_proj.weight.dtype)
-        self.v_proj = torch.nn.Linear(D, self.kv_heads * self.d, bias=False, dtype=layer.q_proj.weight.dtype)
+        w = layer.q_proj.weight
+        self.k_proj = torch.nn.Linear(D, self.kv_heads * self.d, bias=False, dtype=w.dtype, device=w.device)
+        self.v_proj = torch.nn.Linear(D, self.kv_heads * self.d, bias=False, dtype=w.dtype, device=w.device)
         with torch.no_grad():
             for src, dst in ((layer.k_proj, self.k_proj), (layer.v_proj, self.v_proj)):
                 dst.weight.copy_(src.weight.view(self.kv_heads, group, self.d, D).mean(1).reshape(-1, D))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
-        pos = torch.arange(L)
+        pos = torch.arange(L, device=x.device)
         q = rope(self.q_proj(x).view(B, L, self.heads, self.d), pos).transpose(1, 2)
         k = rope(self.k_proj(x).view(B, L, self.kv_heads, self.d), pos).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.kv_heads, self.d).transpose(1, 2)
@@ -121,9 +123,9 @@ class NaiveDecode:
     def __init__(self, layer: torch.nn.Module, batch: int, context: int):
         self.layer, self.t = layer, context
         Hkv, d = layer.num_kv_heads, layer.head_dim
-        dtype = layer.q_proj.weight.dtype
-        self.k = torch.randn(batch, Hkv, context + 1, d, dtype=dtype)
-        self.v = torch.randn(batch, Hkv, context + 1, d, dtype=dtype)
+        dtype, device = layer.q_proj.weight.dtype, layer.q_proj.weight.device
+        self.k = torch.randn(batch, Hkv, context + 1, d, dtype=dtype, device=device)
+        self.v = torch.randn(batch, Hkv, context + 1, d, dtype=dtype, device=device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 1, D]
         lay, B, t = self.layer, x.shape[0], self.t
@@ -135,7 +137,7 @@ class NaiveDecode:
         pick = idx[:, :, None, None, None].expand(B, 1, 1, Hkv, d)
         k = torch.stack(k_all, 2).gather(2, pick).squeeze(2)
         v = torch.stack(v_all, 2).gather(2, pick).squeeze(2)
-        pos = torch.tensor([t])
+        pos = torch.tensor([t], device=x.device)
         self.k[:, :, t] = rope(k, pos)[:, 0]
         self.v[:, :, t] = v[:, 0]
         q = rope(lay.q_proj(x).view(B, 1, Hq, d), pos).transpose(1, 2)
@@ -148,13 +150,13 @@ class StaticDecode:
 
     def __init__(self, gqa: "StaticGQA", batch: int, context: int):
         self.gqa, self.t = gqa, context
-        dtype = gqa.q_proj.weight.dtype
-        self.k = torch.randn(batch, gqa.kv_heads, context + 1, gqa.d, dtype=dtype)
-        self.v = torch.randn(batch, gqa.kv_heads, context + 1, gqa.d, dtype=dtype)
+        dtype, device = gqa.q_proj.weight.dtype, gqa.q_proj.weight.device
+        self.k = torch.randn(batch, gqa.kv_heads, context + 1, gqa.d, dtype=dtype, device=device)
+        self.v = torch.randn(batch, gqa.kv_heads, context + 1, gqa.d, dtype=dtype, device=device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m, B, t = self.gqa, x.shape[0], self.t
-        pos = torch.tensor([t])
+        pos = torch.tensor([t], device=x.device)
         self.k[:, :, t] = rope(m.k_proj(x).view(B, 1, m.kv_heads, m.d), pos)[:, 0]
         self.v[:, :, t] = m.v_proj(x).view(B, 1, m.kv_heads, m.d)[:, 0]
         q = rope(m.q_proj(x).view(B, 1, m.heads, m.d), pos).transpose(1, 2)
@@ -162,18 +164,19 @@ class StaticDecode:
         return m.o_proj(out.transpose(1, 2).reshape(B, 1, m.heads * m.d))
 
 
-def decode_rows(shapes, dtypes, min_time: float) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+def decode_rows(shapes, dtypes, min_time: float, device: torch.device = torch.device("cpu")
+                ) -> list[tuple[str, dict[str, float], dict[str, float]]]:
     """One decode step of each arm after a prompt of `context` tokens: (name, times, cache bytes/token)."""
     rows = []
     for hidden, heads, kv_heads, context, batch in shapes:
         for dtype in dtypes:
             torch.manual_seed(0)
-            layer = mixsga.nn.MixSGAAttention(hidden, heads, kv_heads, group_sizes=GROUPS, ratios=RATIOS).to(dtype)
+            layer = mixsga.nn.MixSGAAttention(hidden, heads, kv_heads, group_sizes=GROUPS, ratios=RATIOS).to(device, dtype)
             layer.eval()
             cache = mixsga._C.HeteroKVCache(layer.cache_options(1))
             with torch.no_grad():
-                layer(torch.randn(batch, context, hidden, dtype=dtype), cache=cache, layer_idx=0)  # prefill
-            x = torch.randn(batch, 1, hidden, dtype=dtype)
+                layer(torch.randn(batch, context, hidden, dtype=dtype, device=device), cache=cache, layer_idx=0)  # prefill
+            x = torch.randn(batch, 1, hidden, dtype=dtype, device=device)
 
             def mixsga_step():
                 layer(x, cache=cache, layer_idx=0)
@@ -207,7 +210,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small shape, short timing (a smoke run)")
     parser.add_argument("--out", default="out/bench/compare.md", help="markdown table to write")
+    parser.add_argument("--device", default="cpu", help="device of every arm: cpu (default) or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     # (hidden, heads, kv_heads, seq, batch)
     shapes = [(256, 4, 4, 128, 1)] if args.quick else [(512, 8, 4, 1024, 4), (1024, 16, 8, 512, 1),
@@ -222,10 +227,10 @@ def main() -> None:
     torch.manual_seed(0)
     for hidden, heads, kv_heads, seq, batch in shapes:
         for dtype in dtypes:
-            layer = mixsga.nn.MixSGAAttention(hidden, heads, kv_heads, group_sizes=GROUPS, ratios=RATIOS).to(dtype)
+            layer = mixsga.nn.MixSGAAttention(hidden, heads, kv_heads, group_sizes=GROUPS, ratios=RATIOS).to(device, dtype)
             arms = {"mixsga": lambda x: layer(x)[0], "naive": NaiveMixSGA(layer),
                     "gqa50": StaticGQA(layer, 2), "base": StaticGQA(layer, 1)}
-            x = torch.randn(batch, seq, hidden, dtype=dtype)
+            x = torch.randn(batch, seq, hidden, dtype=dtype, device=device)
             name = f"D={hidden} H={heads} Hkv={kv_heads} L={seq} B={batch} {str(dtype).removeprefix('torch.')}"
             for mode in ("forward", "forward+backward"):
                 times = {}
@@ -255,7 +260,7 @@ def main() -> None:
         lines.append(f"| {name} | {mode} | {t['mixsga'] * 1e3:.2f} | {t['naive'] * 1e3:.2f} | {t['gqa50'] * 1e3:.2f} | "
                      f"{t['base'] * 1e3:.2f} | {t['mixsga'] / t['naive']:.2f} | {t['mixsga'] / t['gqa50']:.2f} | "
                      f"{t['mixsga'] / t['base']:.2f} | {t['naive'] / t['gqa50']:.2f} |")
-    decode = decode_rows(decode_shapes, dtypes, min_time)
+    decode = decode_rows(decode_shapes, dtypes, min_time, device)
     lines += [
         "",
         "Decode step (one token through the layer after a prompt of T tokens; bytes/token = K/V cache per token):",
@@ -269,9 +274,11 @@ def main() -> None:
                      f"{t['base'] * 1e3:.3f} | {t['mixsga'] / t['naive']:.2f} | {t['mixsga'] / t['gqa50']:.2f} | "
                      f"{t['mixsga'] / t['base']:.2f} | {b['mixsga']:.0f} | {b['naive']:.0f} | {b['gqa50']:.0f} | "
                      f"{b['base']:.0f} |")
-    header = (f"Measured {datetime.date.today()} on {platform.machine()} with {os.cpu_count()} cores, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} with {os.cpu_count()} cores"
+    header = (f"Measured {datetime.date.today()} on {where}, "
               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-              f"command `python benchmarks/compare.py{' --quick' if args.quick else ''}`.\n\n")
+              f"command `python benchmarks/compare.py{' --quick' if args.quick else ''}"
+              f"{f' --device {args.device}' if device.type != 'cpu' else ''}`.\n\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(header + "\n".join(lines) + "\n")
     print(f"table written to {args.out}")

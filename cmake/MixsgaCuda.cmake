@@ -46,6 +46,22 @@ if(MIXSGA_CUDA_ENABLED)
   unset(CMAKE_CUDA_STANDARD)
   set(CMAKE_CUDA_STANDARD_REQUIRED OFF)
   string(APPEND CMAKE_CUDA_FLAGS " -std=c++20 --expt-relaxed-constexpr")
+  # Torch turns TORCH_CUDA_ARCH_LIST "9.0" into sm_90 machine code only, which no later GPU can load.
+  # Also embed PTX for the newest listed architecture (unless the list already asks for it with
+  # "+PTX"), so the driver can JIT-compile the kernels for GPUs newer than the build knew about.
+  if(NOT MIXSGA_TORCH_CUDA_ARCH_LIST MATCHES "PTX")
+    string(REGEX MATCHALL "[0-9]+\\.[0-9]+" _mixsga_archs "${MIXSGA_TORCH_CUDA_ARCH_LIST}")
+    set(_mixsga_ptx_arch "")
+    foreach(_arch IN LISTS _mixsga_archs)
+      string(REPLACE "." "" _arch "${_arch}")
+      if(_mixsga_ptx_arch STREQUAL "" OR _arch GREATER _mixsga_ptx_arch)
+        set(_mixsga_ptx_arch "${_arch}")
+      endif()
+    endforeach()
+    if(NOT _mixsga_ptx_arch STREQUAL "")
+      string(APPEND CMAKE_CUDA_FLAGS " -gencode arch=compute_${_mixsga_ptx_arch},code=compute_${_mixsga_ptx_arch}")
+    endif()
+  endif()
   # One CUDA runtime in the process: the shared libcudart (one SONAME with the copy torch loads),
   # never a second, static copy whose launch errors C10_CUDA_KERNEL_LAUNCH_CHECK could not see.
   set(CMAKE_CUDA_RUNTIME_LIBRARY Shared)

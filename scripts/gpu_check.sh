@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of mixsga's CUDA kernels, for a machine with a GPU and no network (about 4-6 minutes on
-# one H200 with 16 cores; every step has a timeout and the whole run a budget of 450 s).
+# GPU check of mixsga's CUDA kernels, for a machine with a GPU and no network (about 5-8 minutes on
+# one H200 with 16 cores; every step has a timeout and the whole run a budget of 540 s).
 #
 #   scripts/gpu_check.sh                configure with MIXSGA_WITH_CUDA=ON into a fresh build folder,
-#                                       build with all cores, run the *_CUDA gtests, the rest of the
-#                                       gtest suite, the CUDA cases of the pytest suite, then the CUDA
-#                                       benchmarks if any are built.
+#                                       build with all cores, check that the library carries PTX, run
+#                                       the *_CUDA gtests, the rest of the gtest suite, the CUDA cases
+#                                       of the pytest suite, the CUDA gtests of the decode and RoPE
+#                                       kernels under compute-sanitizer (if installed), then the CUDA
+#                                       benchmarks (bench_decode, bench_layer) and compare.py on CUDA.
 #   scripts/gpu_check.sh --stage-deps   (on a machine with the Debian packages, e.g. the CPU dev box)
 #                                       copy GoogleTest and Google Benchmark into .gpu_deps/ (ignored
 #                                       by git) so that a GPU machine without them can build the tests:
@@ -14,16 +16,17 @@
 # Results (at most 8 files, one folder) go to $OUT if set, else out/gpu_check:
 #   summary.txt      one line per step with its status and seconds; the last line is the verdict
 #   environment.txt  nvidia-smi, nvcc, python/torch versions
-#   build.log        configure + build output
+#   build.log        configure + build output, then cuobjdump --list-ptx of the library
 #   tests_cuda.log   the *_CUDA gtests (tests_cuda.xml: their JUnit report)
 #   tests_rest.log   every other gtest, then the CUDA cases of the pytest suite (if the Python package
 #                    could be built there)
-#   benchmarks.log   CUDA benchmarks (Google Benchmark console output)
+#   sanitizer.log    compute-sanitizer memcheck of the decode / RoPE CUDA gtests
+#   benchmarks.log   CUDA benchmarks (Google Benchmark console output), then compare.py --device cuda
 #
 # Environment: MIXSGA_PYTHON (interpreter whose torch to build against; default: .venv/bin/python if
 # its torch has CUDA, else python3), MIXSGA_GPU_BUILD (build folder, default out/build-gpu-check),
 # TORCH_CUDA_ARCH_LIST (default: the GPU's compute capability), MIXSGA_GPU_DEPS (default .gpu_deps),
-# MIXSGA_GPU_CHECK_BUDGET (seconds, default 450).
+# MIXSGA_GPU_CHECK_BUDGET (seconds, default 540).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,7 +58,7 @@ fi
 
 RESULTS="${OUT:-$ROOT/out/gpu_check}"
 BUILD="${MIXSGA_GPU_BUILD:-$ROOT/out/build-gpu-check}"
-BUDGET="${MIXSGA_GPU_CHECK_BUDGET:-450}"
+BUDGET="${MIXSGA_GPU_CHECK_BUDGET:-540}"
 JOBS="$(nproc)"
 mkdir -p "$RESULTS"
 SUMMARY="$RESULTS/summary.txt"
@@ -183,6 +186,22 @@ python_built=0
 step build 330 "$BUILD_LOG" cmake --build "$BUILD" -j "$JOBS"
 built=$?
 
+# ---- PTX in the fatbin (forward compatibility: a newer GPU JIT-compiles it) ------------------------------
+LIB="$(ls "$BUILD"/libmixsga.so 2>/dev/null | head -1)"
+if ((built == 0)) && [[ -n "$LIB" ]] && command -v cuobjdump > /dev/null 2>&1; then
+  echo "===== cuobjdump --list-ptx $LIB" >> "$BUILD_LOG"
+  ptx_list="$(timeout 60 cuobjdump --list-ptx "$LIB" 2>&1)"
+  echo "$ptx_list" >> "$BUILD_LOG"
+  if grep -q '\.ptx' <<< "$ptx_list"; then
+    echo "ptx: OK ($(grep -o 'sm_[0-9a-z]*\.ptx' <<< "$ptx_list" | sort -u | tr '\n' ' '))" >> "$SUMMARY"
+  else
+    echo "ptx: FAILED (no PTX in $LIB; see build.log)" >> "$SUMMARY"
+    failures=$((failures + 1))
+  fi
+else
+  echo "ptx: NOT CHECKED (built=$built, cuobjdump $(command -v cuobjdump > /dev/null 2>&1 && echo found || echo missing))" >> "$SUMMARY"
+fi
+
 # ---- tests --------------------------------------------------------------------------------------------
 TESTS="$BUILD/tests/cpp/mixsga_tests"
 export OMP_NUM_THREADS="$JOBS"
@@ -204,6 +223,15 @@ else
   echo "pytest-cuda: NOT RUN (Python package not built here)" >> "$SUMMARY"
 fi
 
+# ---- compute-sanitizer: out-of-bounds / uninitialised reads in the decode and RoPE kernels --------------
+SANITIZER="$(command -v compute-sanitizer 2>/dev/null || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
+if [[ -n "$SANITIZER" ]] && ((built == 0 && tests_built == 1)) && [[ -x "$TESTS" ]]; then
+  step sanitizer 120 "$RESULTS/sanitizer.log" "$SANITIZER" --tool memcheck --error-exitcode 3 "$TESTS" \
+    --gtest_filter='*HeteroDecodeAttention*_CUDA:*RopeRotate*_CUDA' || true
+else
+  echo "sanitizer: NOT RUN (compute-sanitizer ${SANITIZER:-not found}, built=$built)" >> "$SUMMARY"
+fi
+
 # ---- benchmarks: the CUDA ones of every benchmark binary that was built --------------------------------
 BENCH_LOG="$RESULTS/benchmarks.log"
 benches=()
@@ -217,6 +245,7 @@ if ((${#benches[@]} == 0)); then
 fi
 for bin in "${benches[@]}"; do
   name="$(basename "$bin")"
+  [[ "$name" == *.* ]] && continue  # not a benchmark binary (a script or data file)
   cuda_filter='[Cc][Uu][Dd][Aa]'
   if [[ "$name" =~ $cuda_filter ]]; then
     step "bench-$name" 60 "$BENCH_LOG" "$bin" || true
@@ -226,6 +255,15 @@ for bin in "${benches[@]}"; do
     echo "bench-$name: no CUDA benchmarks listed" >> "$SUMMARY"
   fi
 done
+
+# compare.py: the layer against the naive implementation and static GQA, every arm on the GPU.
+if ((built == 0 && python_built == 1)); then
+  step compare-cuda 90 "$BENCH_LOG" env PYTHONPATH="$BUILD/python" PYTHONDONTWRITEBYTECODE=1 \
+    "$PY" "$ROOT/benchmarks/compare.py" --quick --device cuda --out "$BUILD/compare_cuda.md" || true
+  [[ -f "$BUILD/compare_cuda.md" ]] && cat "$BUILD/compare_cuda.md" >> "$BENCH_LOG"
+else
+  echo "compare-cuda: NOT RUN (Python package not built here)" >> "$SUMMARY"
+fi
 
 if ((failures == 0 && incomplete > 0)); then
   echo "VERDICT: PASS SO FAR, $incomplete step(s) skipped for time (${SECONDS}s)" >> "$SUMMARY"

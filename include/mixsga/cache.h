@@ -42,16 +42,23 @@ struct HeteroKVCacheOptions {
 /// position in its sequence. Padding tokens are never stored. Keys are stored after RoPE.
 ///
 /// Memory: a token of expert e costs 2 * (Hkv/g_e) * d * elem_size bytes of K/V plus 4 bytes of index
-/// (its int32 position; its expert is implied by the pool it lives in). bytes_stored() counts exactly that;
-/// bytes_used() counts what is allocated, which exceeds it by the growth slack (at most a factor
-/// `growth` + 16 slots per pool) and, for batch > 1, by the difference between the longest and each
-/// sequence of a pool (pools are rectangular over the batch). shrink_to_fit() removes the growth slack.
+/// (its int32 position; its expert is implied by the pool it lives in). Two quantities, two names:
+///  - *stored*: bytes_stored() counts exactly that; stored_bytes_per_token() (= bytes_per_token()) divides
+///    it by the stored tokens, the figure to compare with full_bytes_per_token();
+///  - *allocated*: bytes_allocated() (= bytes_used()) counts what the pools hold in memory, which exceeds
+///    the stored bytes by the growth slack (at most a factor `growth` + 16 slots per pool) and, for
+///    batch > 1, by the difference between the longest and each sequence of a pool (pools are
+///    rectangular over the batch); allocated_bytes_per_token() divides it by the stored tokens.
+/// shrink_to_fit() removes the growth slack.
 class HeteroKVCache {
  public:
   explicit HeteroKVCache(HeteroKVCacheOptions options);
 
   /// Appends tokens of one layer.
   /// @param layer      in [0, num_layers).
+  /// Errors (nothing is stored): keys / values of another dtype or device than the cache's, or not
+  /// [B, L, num_kv_heads, head_dim]; a batch size other than the one fixed by the first append; a layer
+  /// outside [0, num_layers); more than max_tokens tokens in a sequence.
   /// @param keys       [B, L, Hkv, d] per-token K (after RoPE); a token of expert e is stored as the mean
   ///                   of each group of g_e heads (exact for K from grouped_kv_proj, whose groups are equal).
   /// @param values     [B, L, Hkv, d] per-token V.
@@ -85,12 +92,20 @@ class HeteroKVCache {
   /// Reallocates every pool to exactly the stored length (removes growth slack).
   void shrink_to_fit();
 
-  /// Bytes allocated for K/V pools and indexes.
-  int64_t bytes_used() const;
+  /// Bytes allocated for K/V pools and indexes (growth slack and batch padding included).
+  int64_t bytes_allocated() const;
+  /// The same as bytes_allocated() (its older name).
+  int64_t bytes_used() const { return bytes_allocated(); }
   /// Bytes the stored tokens need: sum over tokens and layers of 2 * (Hkv/g_e) * d * elem_size + 4.
   int64_t bytes_stored() const;
-  /// bytes_used() / stored tokens (over all layers), 0 when empty.
-  double bytes_per_token() const;
+  /// bytes_stored() / stored tokens: the compact bytes one token costs over all layers (0 when empty).
+  /// Tokens are counted per layer (layer 0), summed over the batch.
+  double stored_bytes_per_token() const;
+  /// bytes_allocated() / stored tokens (0 when empty): what a token costs in memory right now, growth
+  /// slack included; on a short prompt whose pools just grew it can exceed full_bytes_per_token().
+  double allocated_bytes_per_token() const;
+  /// stored_bytes_per_token() (the figure MixSGACache.bytes_per_token() gives in Python too).
+  double bytes_per_token() const { return stored_bytes_per_token(); }
   /// Per-token bytes of an uncompressed cache of the same model: 2 * Hkv * d * elem_size per layer.
   int64_t full_bytes_per_token() const;
   /// [E] int64 tokens stored per expert in `layer` (summed over the batch).

@@ -93,13 +93,38 @@ at::Tensor hetero_decode_attention(const at::Tensor& q, at::TensorList k_pools, 
                                    const at::Tensor& lengths, int64_t num_kv_heads,
                                    std::optional<double> scale = std::nullopt);
 
+/// Attention of L new queries per sequence over the heterogeneous cache, causal by stored positions:
+/// query (b, l) attends to the stored token in slot t < lengths[b, e] of pool e when
+/// key_positions[e][b, t] <= query_positions[b, l]. The pools are read in place, never expanded to Hkv
+/// heads: query head h reads compact head (h / (Hq/Hkv)) / g_e of pool e, with g_e = Hkv / k_pools[e].size(1).
+/// One online softmax per query over all pools, accumulated in float32 (float64 for float64 inputs).
+/// With L = 1 and every stored position <= the query's, it equals hetero_decode_attention. The usual
+/// caller is a chunk after cached tokens (chunked prefill, speculative verification): append the chunk
+/// to the cache first, then attend with the chunk's positions. Not differentiable (inference over a
+/// detached cache): a backward through it raises an error.
+///
+/// @param q               [B, L, Hq, d] queries (after RoPE).
+/// @param query_positions [B, L] integer position of each query in its sequence.
+/// @param k_pools         E tensors [B, Hkv/g_e, T_e, d] (e.g. HeteroKVCache::keys(layer)); head dim contiguous.
+/// @param v_pools         E tensors of the same shapes.
+/// @param key_positions   E integer tensors [B, T_e] (e.g. HeteroKVCache::positions(layer), int32).
+/// @param lengths         [B, E] integer, CPU or q's device: sequence b holds the first lengths[b, e] slots of pool e.
+/// @param num_kv_heads    Hkv (divides Hq).
+/// @param scale           softmax scale, default 1/sqrt(d).
+/// @return [B, L, Hq, d] contiguous, q's dtype. A query that sees no stored token (every visible slot
+///         empty or at a later position) gets zeros, as hetero_decode_attention does for an empty sequence.
+at::Tensor hetero_cache_attention(const at::Tensor& q, const at::Tensor& query_positions, at::TensorList k_pools,
+                                  at::TensorList v_pools, at::TensorList key_positions, const at::Tensor& lengths,
+                                  int64_t num_kv_heads, std::optional<double> scale = std::nullopt);
+
 /// Pools the rows of a K/V projection weight (or bias) for one expert: [Hkv*d, ...] ->
 /// [(Hkv/group_size)*d, ...], each group of group_size consecutive heads averaged. Plain ATen
 /// (differentiable through autograd); used by the cache and by tests.
 at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t head_dim);
 
-/// Fraction of the base model's KV cache kept by a configuration: sum_e ratios[e] / group_sizes[e].
-double kv_fraction(c10::IntArrayRef group_sizes, c10::ArrayRef<double> ratios);
+/// Deprecated spelling of mixsga::kv_fraction (kept so existing callers compile); same result.
+[[deprecated("use mixsga::kv_fraction")]] double kv_fraction(c10::IntArrayRef group_sizes,
+                                                             c10::ArrayRef<double> ratios);
 
 /// Rotary position embedding (rotate_half convention of Hugging Face Llama) from precomputed angles,
 /// in one pass: y = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] over the two halves of d.
@@ -112,3 +137,14 @@ double kv_fraction(c10::IntArrayRef group_sizes, c10::ArrayRef<double> ratios);
 at::Tensor rope_rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose = false);
 
 }  // namespace mixsga::ops
+
+namespace mixsga {
+
+/// Fraction of the base model's KV cache kept by a configuration: sum_e ratios[e] / group_sizes[e]
+/// (e.g. group sizes {1, 2, 4} at ratios {0.3, 0.1, 0.6} keep 0.3 + 0.05 + 0.15 = 0.5). The same
+/// function as Python's mixsga.kv_fraction; not an op (no tensors).
+/// @param group_sizes E strictly increasing group sizes, each >= 1.
+/// @param ratios      E ratios in [0, 1] summing to 1.
+double kv_fraction(c10::IntArrayRef group_sizes, c10::ArrayRef<double> ratios);
+
+}  // namespace mixsga

@@ -11,7 +11,7 @@ kernels (they raise the same ValueError when the compiled graph runs):
   * grouped_kv_pool, grouped_kv_proj, _grouped_kv_proj_backward, expert_permutation: expert_idx values
     must lie in [0, E);
   * expert_scatter, expert_gather: permutation must be a permutation of 0..N-1;
-  * hetero_decode_attention: lengths[b, e] must lie in [0, T_e].
+  * hetero_decode_attention, hetero_cache_attention: lengths[b, e] must lie in [0, T_e].
 """
 
 from __future__ import annotations
@@ -192,6 +192,68 @@ def _hetero_decode_attention(
     return q.new_empty(q.shape)
 
 
+def _hetero_cache_attention(
+    q: torch.Tensor,
+    query_positions: torch.Tensor,
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
+    key_positions: Sequence[torch.Tensor],
+    lengths: torch.Tensor,
+    num_kv_heads: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    check_floating(q, "q")
+    if q.dim() != 4:
+        raise ValueError(f"q: expected shape [B, L, Hq, d], got {shape_str(q.shape)}")
+    B, L, Hq, d = q.shape
+    if num_kv_heads <= 0 or Hq % num_kv_heads != 0:
+        raise ValueError(f"num_kv_heads: must be > 0 and divide the query heads ({Hq}), got {num_kv_heads}")
+    check_integer(query_positions, "query_positions")
+    if tuple(query_positions.shape) != (B, L):
+        raise ValueError(
+            f"query_positions: expected shape [{B}, {L}] (the [B, L] of q), got {shape_str(query_positions.shape)}"
+        )
+    if query_positions.device != q.device:
+        raise ValueError(f"query_positions: expected the device of q ({q.device}), got {query_positions.device}")
+    E = len(k_pools)
+    if E < 1 or len(v_pools) != E or len(key_positions) != E:
+        raise ValueError(
+            f"k_pools / v_pools / key_positions: expected the same number (>= 1) of pools, got {E}, "
+            f"{len(v_pools)} and {len(key_positions)}"
+        )
+    if tuple(lengths.shape) != (B, E):
+        raise ValueError(f"lengths: expected shape [{B}, {E}] (batch, pools), got {shape_str(lengths.shape)}")
+    check_integer(lengths, "lengths")
+    if lengths.device.type != "cpu" and lengths.device != q.device:
+        raise ValueError(f"lengths: expected the CPU or the device of q ({q.device}), got {lengths.device}")
+    for e in range(E):
+        for pools, name in ((k_pools, "k_pools"), (v_pools, "v_pools")):
+            p = pools[e]
+            if p.dim() != 4 or p.shape[0] != B or p.shape[3] != d or p.shape[1] <= 0 or num_kv_heads % p.shape[1]:
+                raise ValueError(
+                    f"{name}[{e}]: expected shape [{B}, Hkv/g, T, {d}] with Hkv/g dividing num_kv_heads "
+                    f"({num_kv_heads}), got {shape_str(p.shape)}"
+                )
+            if p.dtype != q.dtype:
+                raise TypeError(f"{name}[{e}]: expected the dtype of q ({q.dtype}), got {p.dtype}")
+            check_device(p, q.device, f"{name}[{e}]")
+        if tuple(v_pools[e].shape) != tuple(k_pools[e].shape):
+            raise ValueError(
+                f"v_pools[{e}]: expected the shape of k_pools[{e}] {shape_str(k_pools[e].shape)}, "
+                f"got {shape_str(v_pools[e].shape)}"
+            )
+        pos = key_positions[e]
+        check_integer(pos, f"key_positions[{e}]")
+        if tuple(pos.shape) != (B, k_pools[e].shape[2]):
+            raise ValueError(
+                f"key_positions[{e}]: expected shape [{B}, {k_pools[e].shape[2]}] (batch, the token dim of "
+                f"k_pools[{e}]), got {shape_str(pos.shape)}"
+            )
+        if pos.device != q.device:
+            raise ValueError(f"key_positions[{e}]: expected the device of q ({q.device}), got {pos.device}")
+    return q.new_empty((B, L, Hq, d))  # contiguous, like the kernels
+
+
 def _rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     check_floating(x, "x")
     if x.dim() != 4 or x.shape[3] % 2 != 0:
@@ -218,6 +280,7 @@ FAKE_KERNELS: dict[str, Callable[..., object]] = {
     "expert_scatter": _expert_scatter,
     "expert_gather": _expert_gather,
     "hetero_decode_attention": _hetero_decode_attention,
+    "hetero_cache_attention": _hetero_cache_attention,
     "rope_rotate": _rope_rotate,
 }
 

@@ -3,7 +3,8 @@
 Shapes use: B batch, L sequence, E experts, Hkv base KV heads, d head dim, D hidden size, N tokens.
 All ops run on CPU (and on CUDA when the library was built with it); all are traceable by torch.compile
 (fake kernels in mixsga._fake_kernels). Differentiable: grouped_kv_pool, grouped_kv_proj, expert_scatter,
-expert_gather, rope_rotate (autograd implemented in C++).
+expert_gather, rope_rotate (autograd implemented in C++). The cache attention ops (hetero_decode_attention,
+hetero_cache_attention) are inference-only.
 """
 
 from __future__ import annotations
@@ -112,6 +113,39 @@ def hetero_decode_attention(
         [B, Hq, d] in q's dtype (zeros for a sequence with no cached token).
     """
     return torch.ops.mixsga.hetero_decode_attention(q, list(k_pools), list(v_pools), lengths, int(num_kv_heads), scale)
+
+
+def hetero_cache_attention(
+    q: torch.Tensor,
+    query_positions: torch.Tensor,
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
+    key_positions: Sequence[torch.Tensor],
+    lengths: torch.Tensor,
+    num_kv_heads: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """L new queries per sequence against per-expert compact K/V pools, causal by stored positions: query
+    (b, l) attends to slot t < lengths[b, e] of pool e when key_positions[e][b, t] <= query_positions[b, l].
+    The pools are read in place, never expanded to Hkv heads (query head h reads compact head
+    (h // (Hq // Hkv)) // g_e of pool e); one online softmax per query in float32 (float64 for float64).
+    With L = 1 and every stored position <= the query's, equals ``hetero_decode_attention``. The usual
+    call is a chunk after cached tokens: append the chunk to the cache, then attend with its positions.
+    Not differentiable: a backward through it raises.
+
+    Args:
+        q: [B, L, Hq, d] queries (after RoPE).
+        query_positions: [B, L] integer position of each query in its sequence.
+        k_pools, v_pools: E tensors [B, Hkv/g_e, T_e, d] (head dim contiguous), e.g. cache.keys(layer).
+        key_positions: E integer tensors [B, T_e], e.g. cache.positions(layer) (int32).
+        lengths: [B, E] integer (CPU or q's device); sequence b holds the first lengths[b, e] slots of pool e.
+        num_kv_heads: Hkv. scale: softmax scale, default 1/sqrt(d).
+    Returns:
+        [B, L, Hq, d] contiguous in q's dtype; zeros for a query that sees no stored token.
+    """
+    return torch.ops.mixsga.hetero_cache_attention(
+        q, query_positions, list(k_pools), list(v_pools), list(key_positions), lengths, int(num_kv_heads), scale
+    )
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:

@@ -7,6 +7,7 @@
 #include <fmt/ranges.h>
 
 #include <cmath>
+#include <string>
 
 #include "ops/validation.h"
 
@@ -17,6 +18,23 @@ constexpr int64_t kIndexBytesPerToken = sizeof(int32_t);  // the stored position
 constexpr int64_t kMinCapacity = 16;
 constexpr int64_t kMaxLayers = int64_t{1} << 20;
 constexpr int64_t kMaxTokenBytes = int64_t{1} << 32;
+
+// torch's Python names ("float32", not c10's "Float"), since most users meet these errors from Python.
+std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return "float32";
+    case c10::kDouble: return "float64";
+    case c10::kHalf: return "float16";
+    case c10::kBFloat16: return "bfloat16";
+    case c10::kLong: return "int64";
+    case c10::kInt: return "int32";
+    case c10::kShort: return "int16";
+    case c10::kChar: return "int8";
+    case c10::kByte: return "uint8";
+    case c10::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
 }  // namespace
 
 HeteroKVCache::HeteroKVCache(HeteroKVCacheOptions options) : options_(std::move(options)) {
@@ -53,7 +71,10 @@ void HeteroKVCache::reset() {
 
 void HeteroKVCache::check_layer(int64_t layer) const {
   TORCH_CHECK_INDEX(layer >= 0 && layer < options_.num_layers,
-                    fmt::format("layer: must be in [0, {}) (num_layers), got {}", options_.num_layers, layer));
+                    fmt::format("layer: must be in [0, {}), got {}: the cache was built for {} layer{} "
+                                "(num_layers = {}); build it with one layer per attention layer of the model",
+                                options_.num_layers, layer, options_.num_layers, options_.num_layers == 1 ? "" : "s",
+                                options_.num_layers));
 }
 
 void HeteroKVCache::ensure_capacity(Pool& pool, int64_t expert, int64_t needed) {
@@ -84,10 +105,16 @@ void HeteroKVCache::append(int64_t layer, const at::Tensor& keys, const at::Tens
     TORCH_CHECK_VALUE(t->defined() && t->dim() == 4 && t->size(2) == o.num_kv_heads && t->size(3) == o.head_dim,
                       fmt::format("{}: expected shape [B, L, {}, {}] (num_kv_heads, head_dim), got {}", name, o.num_kv_heads,
                                   o.head_dim, t->defined() ? detail::shape_str(t->sizes()) : "undefined"));
-    TORCH_CHECK_TYPE(t->scalar_type() == o.dtype, fmt::format("{}: expected the cache dtype {}, got {}", name,
-                                                              c10::toString(o.dtype), c10::toString(t->scalar_type())));
-    TORCH_CHECK_VALUE(t->device() == o.device, fmt::format("{}: expected the cache device {}, got {}", name,
-                                                           o.device.str(), t->device().str()));
+    // Named after the cache, not the argument: from a layer, the mismatch is the cache's options
+    // against the model's dtype / device.
+    TORCH_CHECK_TYPE(t->scalar_type() == o.dtype,
+                     fmt::format("cache: built for dtype {}, but the layer's K/V ({}) are {}; build the cache with "
+                                 "the model's dtype (e.g. from the layer's cache_options())",
+                                 dtype_name(o.dtype), name, dtype_name(t->scalar_type())));
+    TORCH_CHECK_VALUE(t->device() == o.device,
+                      fmt::format("cache: built for device {}, but the layer's K/V ({}) are on {}; build the cache on "
+                                  "the model's device (e.g. from the layer's cache_options())",
+                                  o.device.str(), name, t->device().str()));
   }
   TORCH_CHECK_VALUE(values.sizes().equals(keys.sizes()), fmt::format("values: expected the shape of keys {}, got {}",
                                                                      detail::shape_str(keys.sizes()),
@@ -359,7 +386,7 @@ void HeteroKVCache::shrink_to_fit() {
   }
 }
 
-int64_t HeteroKVCache::bytes_used() const {
+int64_t HeteroKVCache::bytes_allocated() const {
   int64_t bytes = 0;
   for (const auto& layer : layers_) {
     for (const auto& pool : layer.pools) {
@@ -389,9 +416,14 @@ int64_t HeteroKVCache::stored_tokens() const {
   return batch_ == 0 ? 0 : layers_.front().lengths.sum().item<int64_t>();
 }
 
-double HeteroKVCache::bytes_per_token() const {
+double HeteroKVCache::stored_bytes_per_token() const {
   const int64_t tokens = stored_tokens();
-  return tokens == 0 ? 0.0 : static_cast<double>(bytes_used()) / static_cast<double>(tokens);
+  return tokens == 0 ? 0.0 : static_cast<double>(bytes_stored()) / static_cast<double>(tokens);
+}
+
+double HeteroKVCache::allocated_bytes_per_token() const {
+  const int64_t tokens = stored_tokens();
+  return tokens == 0 ? 0.0 : static_cast<double>(bytes_allocated()) / static_cast<double>(tokens);
 }
 
 int64_t HeteroKVCache::full_bytes_per_token() const {

@@ -76,6 +76,17 @@ at::Tensor hetero_decode_attention(const at::Tensor& q, at::TensorList k_pools, 
   return op.call(q, k_pools, v_pools, lengths, num_kv_heads, scale);
 }
 
+at::Tensor hetero_cache_attention(const at::Tensor& q, const at::Tensor& query_positions, at::TensorList k_pools,
+                                  at::TensorList v_pools, at::TensorList key_positions, const at::Tensor& lengths,
+                                  int64_t num_kv_heads, std::optional<double> scale) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+                                      const at::Tensor&, int64_t, std::optional<double>)>("mixsga::hetero_cache_attention");
+  require_defined(q, "q");
+  require_defined(query_positions, "query_positions");
+  require_defined(lengths, "lengths");
+  return op.call(q, query_positions, k_pools, v_pools, key_positions, lengths, num_kv_heads, scale);
+}
+
 at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t head_dim) {
   detail::check_floating(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() >= 1, fmt::format("pool_kv_weight: weight must have at least one dim, got shape {}",
@@ -109,11 +120,7 @@ at::Tensor pool_kv_weight(const at::Tensor& weight, int64_t group_size, int64_t 
 }
 
 double kv_fraction(c10::IntArrayRef group_sizes, c10::ArrayRef<double> ratios) {
-  detail::check_group_sizes(group_sizes);
-  detail::check_ratios(ratios, static_cast<int64_t>(group_sizes.size()));
-  double fraction = 0.0;
-  for (size_t e = 0; e < ratios.size(); ++e) fraction += ratios[e] / static_cast<double>(group_sizes[e]);
-  return fraction;
+  return mixsga::kv_fraction(group_sizes, ratios);
 }
 
 at::Tensor rope_rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose) {
@@ -125,3 +132,15 @@ at::Tensor rope_rotate(const at::Tensor& x, const at::Tensor& cos, const at::Ten
 }
 
 }  // namespace mixsga::ops
+
+namespace mixsga {
+
+double kv_fraction(c10::IntArrayRef group_sizes, c10::ArrayRef<double> ratios) {
+  detail::check_group_sizes(group_sizes);
+  detail::check_ratios(ratios, static_cast<int64_t>(group_sizes.size()));
+  double fraction = 0.0;
+  for (size_t e = 0; e < ratios.size(); ++e) fraction += ratios[e] / static_cast<double>(group_sizes[e]);
+  return fraction;
+}
+
+}  // namespace mixsga

@@ -20,11 +20,16 @@ TORCH_LIBRARY(mixsga, m) {
   m.def("expert_scatter(Tensor x, Tensor permutation) -> Tensor");
   // Rows back to token order: out[permutation[i]] = x[i].
   m.def("expert_gather(Tensor x, Tensor permutation) -> Tensor");
-  // One decode query per sequence vs per-expert compact pools, merged by log-sum-exp: q [B,Hq,d] -> [B,Hq,d].
   // Rotary position embedding, rotate_half convention, from precomputed angles: x [B,L,H,d], cos/sin
   // [B|1,L,d] in x's dtype -> [B,L,H,d] contiguous. transpose=True applies the transposed rotation (the
   // backward). Differentiable in x only.
   m.def("rope_rotate(Tensor x, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
+  // One decode query per sequence vs per-expert compact pools, merged by log-sum-exp: q [B,Hq,d] -> [B,Hq,d].
   m.def("hetero_decode_attention(Tensor q, Tensor[] k_pools, Tensor[] v_pools, Tensor lengths, int num_kv_heads, "
         "float? scale=None) -> Tensor");
+  // L new queries at explicit positions vs the compact pools, causal by stored key positions (key pos <=
+  // query pos), never expanded: q [B,L,Hq,d], query_positions [B,L], key_positions[e] [B,T_e] -> [B,L,Hq,d].
+  // Not differentiable (inference over a detached cache).
+  m.def("hetero_cache_attention(Tensor q, Tensor query_positions, Tensor[] k_pools, Tensor[] v_pools, "
+        "Tensor[] key_positions, Tensor lengths, int num_kv_heads, float? scale=None) -> Tensor");
 }

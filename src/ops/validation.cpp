@@ -218,4 +218,80 @@ void check_rope_rotate_args(const at::Tensor& x, const at::Tensor& cos, const at
                                                             cos.size(0), sin.size(0)));
 }
 
+
+CacheAttentionShapes check_cache_attention_args(const at::Tensor& q, const at::Tensor& query_positions,
+                                                at::TensorList k_pools, at::TensorList v_pools,
+                                                at::TensorList key_positions, const at::Tensor& lengths,
+                                                int64_t num_kv_heads) {
+  check_floating(q, "q");
+  TORCH_CHECK_VALUE(q.dim() == 4, fmt::format("q: expected shape [B, L, Hq, d], got {}", shape_str(q.sizes())));
+  const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), d = q.size(3);
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && Hq % num_kv_heads == 0,
+                    fmt::format("num_kv_heads: must be > 0 and divide the query heads ({}), got {}", Hq, num_kv_heads));
+  TORCH_CHECK_VALUE(query_positions.defined(), "query_positions: expected a tensor, got an undefined one");
+  TORCH_CHECK_TYPE(at::isIntegralType(query_positions.scalar_type(), /*includeBool=*/false),
+                   fmt::format("query_positions: expected an integer dtype, got {}",
+                               c10::toString(query_positions.scalar_type())));
+  TORCH_CHECK_VALUE(query_positions.dim() == 2 && query_positions.size(0) == B && query_positions.size(1) == L,
+                    fmt::format("query_positions: expected shape [{}, {}] (the [B, L] of q), got {}", B, L,
+                                shape_str(query_positions.sizes())));
+  TORCH_CHECK_VALUE(query_positions.device() == q.device(),
+                    fmt::format("query_positions: expected the device of q ({}), got {}", q.device().str(),
+                                query_positions.device().str()));
+  const int64_t E = static_cast<int64_t>(k_pools.size());
+  TORCH_CHECK_VALUE(E >= 1 && v_pools.size() == k_pools.size() && key_positions.size() == k_pools.size(),
+                    fmt::format("k_pools / v_pools / key_positions: expected the same number (>= 1) of pools, got {}, "
+                                "{} and {}",
+                                E, v_pools.size(), key_positions.size()));
+  TORCH_CHECK_VALUE(lengths.defined(), "lengths: expected a tensor, got an undefined one");
+  TORCH_CHECK_VALUE(lengths.dim() == 2 && lengths.size(0) == B && lengths.size(1) == E,
+                    fmt::format("lengths: expected shape [{}, {}] (batch, pools), got {}", B, E, shape_str(lengths.sizes())));
+  TORCH_CHECK_TYPE(at::isIntegralType(lengths.scalar_type(), /*includeBool=*/false),
+                   fmt::format("lengths: expected an integer dtype, got {}", c10::toString(lengths.scalar_type())));
+  // HeteroKVCache keeps its lengths on the host whatever the pools' device.
+  TORCH_CHECK_VALUE(lengths.device().is_cpu() || lengths.device() == q.device(),
+                    fmt::format("lengths: expected the CPU or the device of q ({}), got {}", q.device().str(),
+                                lengths.device().str()));
+  for (int64_t e = 0; e < E; ++e) {
+    for (const auto& [pools, name] : {std::pair{k_pools, "k_pools"}, std::pair{v_pools, "v_pools"}}) {
+      const auto& p = pools[e];
+      TORCH_CHECK_VALUE(p.defined(), fmt::format("{}[{}]: expected a tensor, got an undefined one", name, e));
+      TORCH_CHECK_VALUE(p.dim() == 4 && p.size(0) == B && p.size(3) == d && p.size(1) > 0 && num_kv_heads % p.size(1) == 0,
+                        fmt::format("{}[{}]: expected shape [{}, Hkv/g, T, {}] with Hkv/g dividing num_kv_heads ({}), "
+                                    "got {}",
+                                    name, e, B, d, num_kv_heads, shape_str(p.sizes())));
+      TORCH_CHECK_TYPE(p.scalar_type() == q.scalar_type(),
+                       fmt::format("{}[{}]: expected the dtype of q ({}), got {}", name, e, c10::toString(q.scalar_type()),
+                                   c10::toString(p.scalar_type())));
+      TORCH_CHECK_VALUE(p.device() == q.device(), fmt::format("{}[{}]: expected the device of q ({}), got {}", name, e,
+                                                              q.device().str(), p.device().str()));
+      TORCH_CHECK_VALUE(p.size(3) == 0 || p.size(2) == 0 || p.stride(3) == 1,
+                        fmt::format("{}[{}]: the head dim must be contiguous (stride 1), got stride {}", name, e,
+                                    p.stride(3)));
+    }
+    TORCH_CHECK_VALUE(v_pools[e].sizes().equals(k_pools[e].sizes()),
+                      fmt::format("v_pools[{}]: expected the shape of k_pools[{}] {}, got {}", e, e,
+                                  shape_str(k_pools[e].sizes()), shape_str(v_pools[e].sizes())));
+    const int64_t capacity = k_pools[e].size(2);
+    const auto& pos = key_positions[e];
+    TORCH_CHECK_VALUE(pos.defined(), fmt::format("key_positions[{}]: expected a tensor, got an undefined one", e));
+    TORCH_CHECK_TYPE(at::isIntegralType(pos.scalar_type(), /*includeBool=*/false),
+                     fmt::format("key_positions[{}]: expected an integer dtype, got {}", e,
+                                 c10::toString(pos.scalar_type())));
+    TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(0) == B && pos.size(1) == capacity,
+                      fmt::format("key_positions[{}]: expected shape [{}, {}] (batch, the token dim of k_pools[{}]), got {}",
+                                  e, B, capacity, e, shape_str(pos.sizes())));
+    TORCH_CHECK_VALUE(pos.device() == q.device(), fmt::format("key_positions[{}]: expected the device of q ({}), got {}",
+                                                              e, q.device().str(), pos.device().str()));
+    if (B > 0) {
+      const auto [lo, hi] = at::aminmax(lengths.select(1, e));
+      TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= capacity,
+                        fmt::format("lengths: column {} must be in [0, {}] (the token dim of k_pools[{}]), got values "
+                                    "in [{}, {}]",
+                                    e, capacity, e, lo.item<int64_t>(), hi.item<int64_t>()));
+    }
+  }
+  return {B, L, Hq, d, E};
+}
+
 }  // namespace mixsga::detail

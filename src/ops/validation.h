@@ -73,4 +73,18 @@ void check_rope_rotate_args(const at::Tensor& x, const at::Tensor& cos, const at
 /// Formats a shape as "[2, 3, 4]".
 std::string shape_str(c10::IntArrayRef shape);
 
+/// Sizes of a hetero_cache_attention call.
+struct CacheAttentionShapes {
+  int64_t batch, queries, query_heads, head_dim, experts;
+};
+
+/// hetero_cache_attention's arguments: q [B, L, Hq, d] floating; query_positions [B, L] integer on q's
+/// device; E >= 1 pools k_pools[e] / v_pools[e] [B, Hkv/g_e, T_e, d] in q's dtype and on its device with
+/// a contiguous head dim and Hkv/g_e dividing num_kv_heads; key_positions[e] [B, T_e] integer on q's
+/// device; lengths [B, E] integer (CPU or q's device) with column e in [0, T_e]; num_kv_heads dividing Hq.
+CacheAttentionShapes check_cache_attention_args(const at::Tensor& q, const at::Tensor& query_positions,
+                                                at::TensorList k_pools, at::TensorList v_pools,
+                                                at::TensorList key_positions, const at::Tensor& lengths,
+                                                int64_t num_kv_heads);
+
 }  // namespace mixsga::detail

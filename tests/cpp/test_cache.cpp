@@ -4,6 +4,8 @@
 #include <mixsga/mixsga.h>
 #include <torch/torch.h>
 
+#include "ops/hetero_cache_attention_composite.h"
+
 using namespace mixsga::nn;
 using mixsga::HeteroKVCache;
 using torch::indexing::Slice;
@@ -53,7 +55,152 @@ torch::Tensor reference_decode(const torch::Tensor& q, const std::vector<torch::
   return out;
 }
 
+// hetero_cache_attention written out: per sequence, every pool expanded to Hq heads, one softmax over
+// the slots whose stored position is <= the query's, in float64; zeros for a query that sees nothing.
+torch::Tensor reference_cache_attention(const torch::Tensor& q, const torch::Tensor& qpos,
+                                        const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v,
+                                        const std::vector<torch::Tensor>& pos, const torch::Tensor& lengths, int64_t Hkv) {
+  const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), d = q.size(3);
+  auto out = torch::zeros({B, L, Hq, d}, torch::kDouble);
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<torch::Tensor> ks, vs, ps;
+    for (size_t e = 0; e < k.size(); ++e) {
+      const int64_t n = lengths[b][e].item<int64_t>(), g = Hkv / k[e].size(1);
+      ks.push_back(k[e][b].narrow(1, 0, n).to(torch::kDouble).repeat_interleave(g, 0).repeat_interleave(Hq / Hkv, 0));
+      vs.push_back(v[e][b].narrow(1, 0, n).to(torch::kDouble).repeat_interleave(g, 0).repeat_interleave(Hq / Hkv, 0));
+      ps.push_back(pos[e][b].narrow(0, 0, n).to(torch::kLong));
+    }
+    const auto K = torch::cat(ks, 1), V = torch::cat(vs, 1), P = torch::cat(ps);  // [Hq, n, d], [n]
+    for (int64_t t = 0; t < L; ++t) {
+      const auto visible = P.le(qpos[b][t]);
+      if (!visible.any().item<bool>()) continue;
+      const auto s = torch::matmul(K.index({torch::indexing::Slice(), visible}), q[b][t].to(torch::kDouble).unsqueeze(-1))
+                         .squeeze(-1) / std::sqrt(double(d));
+      out[b][t] = torch::matmul(torch::softmax(s, -1).unsqueeze(1), V.index({torch::indexing::Slice(), visible})).squeeze(1);
+    }
+  }
+  return out;
+}
+
+// Inputs of hetero_cache_attention: pools with spare capacity (viewed narrower, like the cache hands
+// them out), stored positions shuffled over the pools, the L queries at each sequence's last positions.
+struct CacheAttentionInputs {
+  torch::Tensor q, qpos, lengths;
+  std::vector<torch::Tensor> k, v, pos;
+};
+
+CacheAttentionInputs cache_attention_inputs(int64_t B, int64_t L, int64_t Hq, int64_t Hkv, int64_t d,
+                                            const std::vector<int64_t>& groups, const std::vector<int64_t>& caps) {
+  CacheAttentionInputs in;
+  const int64_t E = static_cast<int64_t>(groups.size());
+  in.lengths = torch::zeros({B, E}, torch::kLong);
+  for (int64_t e = 0; e < E; ++e) {
+    in.k.push_back(torch::randn({B, Hkv / groups[e], caps[e] + 3, d}, torch::kDouble).narrow(2, 0, caps[e]));
+    in.v.push_back(torch::randn({B, Hkv / groups[e], caps[e] + 3, d}, torch::kDouble).narrow(2, 0, caps[e]));
+    in.pos.push_back(torch::full({B, caps[e]}, 1000000, torch::kInt));
+    in.lengths.select(1, e).copy_(torch::randint(0, caps[e] + 1, {B}));
+  }
+  in.qpos = torch::zeros({B, L}, torch::kLong);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = in.lengths[b].sum().item<int64_t>();
+    const auto order = torch::randperm(n, torch::kInt);
+    int64_t start = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t m = in.lengths[b][e].item<int64_t>();
+      in.pos[e][b].narrow(0, 0, m).copy_(order.narrow(0, start, m));
+      start += m;
+    }
+    in.qpos[b].copy_(torch::arange(n - L, n));
+  }
+  in.q = torch::randn({B, L, Hq, d}, torch::kDouble);
+  return in;
+}
+
 }  // namespace
+
+// ---- hetero_cache_attention -----------------------------------------------------------------------
+
+TEST(HeteroCacheAttention, MatchesExpandedReference) {
+  torch::manual_seed(20);
+  for (const auto& [Hq, Hkv, L] : {std::tuple{8, 4, 5}, std::tuple{4, 4, 11}, std::tuple{16, 4, 1}}) {
+    const auto in = cache_attention_inputs(3, L, Hq, Hkv, 16, {1, 2, 4}, {7, 70, 3});
+    const auto got = mixsga::ops::hetero_cache_attention(in.q, in.qpos, in.k, in.v, in.pos, in.lengths, Hkv);
+    ASSERT_EQ(got.sizes(), in.q.sizes());
+    EXPECT_TRUE(torch::allclose(got, reference_cache_attention(in.q, in.qpos, in.k, in.v, in.pos, in.lengths, Hkv),
+                                1e-12, 1e-12))
+        << "Hq " << Hq << " Hkv " << Hkv << " L " << L;
+  }
+}
+
+TEST(HeteroCacheAttention, OneQueryAfterEverythingEqualsDecodeAttention) {
+  torch::manual_seed(21);
+  const auto in = cache_attention_inputs(4, 1, 8, 4, 16, {1, 2, 4}, {9, 80, 6});
+  const auto got = mixsga::ops::hetero_cache_attention(in.q, torch::full({4, 1}, 100000, torch::kLong), in.k, in.v,
+                                                       in.pos, in.lengths, 4);
+  const auto want = mixsga::ops::hetero_decode_attention(in.q.select(1, 0), in.k, in.v, in.lengths, 4);
+  EXPECT_TRUE(torch::allclose(got.select(1, 0), want, 1e-12, 1e-12));
+}
+
+// The ATen composite registered for CUDA, run on CPU: the same results as the CPU kernel, for every
+// floating dtype, including pools with nothing stored, queries that see nothing, and cropped slots.
+TEST(HeteroCacheAttention, CompositeMatchesTheCpuKernel) {
+  torch::manual_seed(22);
+  auto in = cache_attention_inputs(3, 6, 8, 2, 8, {1, 2}, {0, 90});
+  in.qpos[0][0] = -1;                                               // sees nothing: zeros
+  in.v[1][1].narrow(1, in.lengths[1][1].item<int64_t>(), 90 - in.lengths[1][1].item<int64_t>()).fill_(INFINITY);
+  for (auto dtype : {torch::kDouble, torch::kFloat, torch::kBFloat16, torch::kHalf}) {
+    std::vector<torch::Tensor> k, v;
+    for (size_t e = 0; e < in.k.size(); ++e) {
+      k.push_back(in.k[e].to(dtype));
+      v.push_back(in.v[e].to(dtype));
+    }
+    const auto q = in.q.to(dtype);
+    const auto kernel = mixsga::ops::hetero_cache_attention(q, in.qpos, k, v, in.pos, in.lengths, 2);
+    const auto composite =
+        mixsga::detail::hetero_cache_attention_composite(q, in.qpos, k, v, in.pos, in.lengths, 2, std::nullopt);
+    ASSERT_EQ(composite.scalar_type(), dtype);
+    ASSERT_TRUE(composite.is_contiguous());
+    const double tol = dtype == torch::kDouble ? 1e-12 : dtype == torch::kFloat ? 1e-5 : 1e-2;
+    EXPECT_TRUE(torch::allclose(kernel.to(torch::kDouble), composite.to(torch::kDouble), tol, tol)) << dtype;
+    EXPECT_TRUE(torch::equal(kernel[0][0], torch::zeros_like(kernel[0][0]))) << dtype;
+    EXPECT_TRUE(torch::isfinite(composite).all().item<bool>()) << dtype;
+  }
+  const auto exact = reference_cache_attention(in.q, in.qpos, in.k, in.v, in.pos, in.lengths, 2);
+  const auto composite =
+      mixsga::detail::hetero_cache_attention_composite(in.q, in.qpos, in.k, in.v, in.pos, in.lengths, 2, 0.25);
+  const auto kernel = mixsga::ops::hetero_cache_attention(in.q, in.qpos, in.k, in.v, in.pos, in.lengths, 2, 0.25);
+  EXPECT_TRUE(torch::allclose(composite, kernel, 1e-12, 1e-12));
+  EXPECT_FALSE(torch::allclose(kernel, exact, 1e-6, 1e-6));  // the scale argument is used
+}
+
+TEST(HeteroCacheAttention, BadInputNamesTheArgumentAndTheValue) {
+  const auto in = cache_attention_inputs(2, 3, 8, 4, 16, {1, 2, 4}, {7, 70, 3});
+  auto message_of = [](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const c10::Error& e) {
+      return e.what_without_backtrace();
+    }
+    return "no error";
+  };
+  auto call = [&](const torch::Tensor& qpos, const std::vector<torch::Tensor>& pos, const torch::Tensor& lengths,
+                  int64_t Hkv) {
+    return message_of([&] { mixsga::ops::hetero_cache_attention(in.q, qpos, in.k, in.v, pos, lengths, Hkv); });
+  };
+  EXPECT_NE(call(in.qpos.to(torch::kFloat), in.pos, in.lengths, 4).find("query_positions: expected an integer dtype, got Float"),
+            std::string::npos);
+  EXPECT_NE(call(in.qpos.narrow(1, 0, 2), in.pos, in.lengths, 4).find("query_positions: expected shape [2, 3]"),
+            std::string::npos);
+  EXPECT_NE(call(in.qpos, {in.pos[0], in.pos[1].narrow(1, 0, 69), in.pos[2]}, in.lengths, 4)
+                .find("key_positions[1]: expected shape [2, 70]"),
+            std::string::npos);
+  EXPECT_NE(call(in.qpos, in.pos, torch::tensor({{8, 0, 0}, {0, 0, 0}}), 4).find("got values in [0, 8]"),
+            std::string::npos);
+  EXPECT_NE(call(in.qpos, in.pos, in.lengths, 3).find("num_kv_heads: must be > 0 and divide the query heads (8), got 3"),
+            std::string::npos);
+  EXPECT_THROW(mixsga::ops::hetero_cache_attention(in.q, torch::Tensor(), in.k, in.v, in.pos, in.lengths, 4),
+               c10::ValueError);
+}
 
 // ---- hetero_decode_attention ---------------------------------------------------------------------
 
@@ -258,7 +405,13 @@ TEST(HeteroKVCache, MemoryIdentity) {
   EXPECT_NEAR(static_cast<double>(cache.bytes_stored()) / n, want, 1e-9);
   // Allocated: at most the documented growth slack above the stored bytes (factor 1.5 + 16 slots per pool).
   EXPECT_GE(cache.bytes_used(), cache.bytes_stored());
-  EXPECT_LE(cache.bytes_per_token(), 1.5 * want + 16.0 * layers * 3 * (2 * Hkv * d * 2 + 4) / n);
+  EXPECT_LE(cache.allocated_bytes_per_token(), 1.5 * want + 16.0 * layers * 3 * (2 * Hkv * d * 2 + 4) / n);
+  // Two names for two quantities; bytes_per_token() is the stored one.
+  EXPECT_DOUBLE_EQ(cache.stored_bytes_per_token(), static_cast<double>(cache.bytes_stored()) / n);
+  EXPECT_DOUBLE_EQ(cache.allocated_bytes_per_token(), static_cast<double>(cache.bytes_allocated()) / n);
+  EXPECT_DOUBLE_EQ(cache.bytes_per_token(), cache.stored_bytes_per_token());
+  EXPECT_EQ(cache.bytes_used(), cache.bytes_allocated());
+  EXPECT_GT(cache.allocated_bytes_per_token(), cache.stored_bytes_per_token());  // growth slack
   // After shrink_to_fit (batch 1), allocated == stored + the [B, E] lengths table.
   cache.shrink_to_fit();
   EXPECT_EQ(cache.bytes_used(), cache.bytes_stored() + layers * 3 * 8);
@@ -288,6 +441,34 @@ TEST(HeteroKVCache, RoutingStatistics) {
 }
 
 // ---- bad input ----------------------------------------------------------------------------------------
+
+// A cache built for another dtype or fewer layers than the model says so, in torch's dtype names.
+TEST(HeteroKVCache, MismatchMessagesSayWhatTheCacheWasBuiltFor) {
+  auto layer = make_layer("argmax", torch::kDouble);
+  auto o = layer->cache_options();
+  o.dtype = torch::kFloat;
+  HeteroKVCache cache(o);
+  auto message_of = [](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const c10::Error& e) {
+      return e.what_without_backtrace();
+    }
+    return "no error";
+  };
+  const auto x = torch::randn({1, 4, 32}, torch::kDouble);
+  const auto from_layer = message_of([&] { layer->forward(x, std::nullopt, std::nullopt, &cache, 0); });
+  EXPECT_NE(from_layer.find("cache: built for dtype float32, but the layer's K/V (keys) are float64"), std::string::npos)
+      << from_layer;
+  EXPECT_EQ(from_layer.find("Float"), std::string::npos) << from_layer;
+  EXPECT_THROW(layer->forward(x, std::nullopt, std::nullopt, &cache, 0), c10::TypeError);
+  EXPECT_EQ(cache.batch_size(), 0);  // nothing stored
+  const auto layer_msg = message_of([&] { cache.lengths(1); });
+  EXPECT_NE(layer_msg.find("layer: must be in [0, 1), got 1: the cache was built for 1 layer (num_layers = 1)"),
+            std::string::npos)
+      << layer_msg;
+  EXPECT_THROW(cache.keys(-1), c10::IndexError);
+}
 
 TEST(HeteroKVCache, BadInputIsRejectedAndTheCacheStaysUsable) {
   torch::manual_seed(8);

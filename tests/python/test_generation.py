@@ -84,3 +84,69 @@ def test_cache_mismatch_is_a_clear_error():
         layer(torch.randn(1, 4, 32, dtype=torch.float64), cache=cache)
     with pytest.raises(IndexError, match="layer_idx"):
         layer(torch.randn(1, 4, 32, dtype=torch.float64), cache=_C.HeteroKVCache(layer.cache_options()), layer_idx=2)
+
+
+# ---- cache accounting names, error messages, public names ----------------------------------------------
+
+
+@torch.no_grad()
+def test_stored_and_allocated_bytes_per_token_are_two_names():
+    layer = make_layer("argmax")
+    cache = _C.HeteroKVCache(layer.cache_options())
+    assert cache.stored_bytes_per_token() == cache.allocated_bytes_per_token() == cache.bytes_per_token() == 0.0
+    layer(torch.randn(2, 5, 32, dtype=torch.float64), cache=cache)  # 10 tokens in pools of capacity >= 16
+    tokens = 10
+    assert cache.stored_bytes_per_token() == pytest.approx(cache.bytes_stored() / tokens)
+    assert cache.allocated_bytes_per_token() == pytest.approx(cache.bytes_allocated() / tokens)
+    assert cache.bytes_allocated() == cache.bytes_used()
+    # bytes_per_token() means stored (it used to divide the allocated bytes): below the full cache.
+    assert cache.bytes_per_token() == cache.stored_bytes_per_token()
+    assert cache.bytes_per_token() < cache.full_bytes_per_token() < cache.allocated_bytes_per_token()
+    cache.shrink_to_fit()
+    assert cache.allocated_bytes_per_token() < cache.full_bytes_per_token()
+
+
+@torch.no_grad()
+def test_mixsga_cache_has_the_same_two_names():
+    hf = pytest.importorskip("mixsga.hf", reason="needs transformers")
+    from mixsga.hf.attention import HFMixSGAAttention
+
+    torch.manual_seed(0)
+    layer = HFMixSGAAttention(32, 8, 4, ratios=(0.3, 0.1, 0.6), layer_idx=0).double().eval()
+    cache = hf.MixSGACache(1)
+    layer(torch.randn(1, 6, 32, dtype=torch.float64), past_key_values=cache)
+    assert cache.tokens_stored() == 6
+    assert cache.stored_bytes_per_token() == pytest.approx(cache.bytes_stored() / 6)
+    assert cache.allocated_bytes_per_token() == pytest.approx(cache.bytes_allocated() / 6)
+    assert cache.bytes_per_token() == cache.stored_bytes_per_token() == cache.hetero.stored_bytes_per_token()
+    assert cache.allocated_bytes_per_token() == pytest.approx(cache.hetero.allocated_bytes_per_token())
+    assert cache.allocated_bytes_per_token() > cache.stored_bytes_per_token()
+
+
+def test_cache_dtype_mismatch_says_what_the_cache_was_built_for():
+    layer = make_layer()  # float64
+    opts = layer.cache_options()
+    opts.dtype = torch.float32
+    cache = _C.HeteroKVCache(opts)
+    with pytest.raises(TypeError, match=r"cache: built for dtype float32, but the layer's K/V \(keys\) are float64"):
+        layer(torch.randn(1, 4, 32, dtype=torch.float64), cache=cache)
+    assert cache.batch_size == 0  # nothing stored
+
+
+def test_mixsga_cache_with_too_few_layers_says_so():
+    hf = pytest.importorskip("mixsga.hf", reason="needs transformers")
+    from mixsga.hf.attention import HFMixSGAAttention
+
+    second = HFMixSGAAttention(32, 8, 4, ratios=(0.3, 0.1, 0.6), layer_idx=1).double()
+    with pytest.raises(IndexError, match=r"MixSGACache: built for 1 layer, but the model has more \(attention layer_idx = 1\)"):
+        second(torch.randn(1, 4, 32, dtype=torch.float64), past_key_values=hf.MixSGACache(1))
+    with pytest.raises(IndexError, match="layer: must be in \\[0, 1\\), got 1: the cache was built for 1 layer"):
+        _C.HeteroKVCache(second.cache_options(num_layers=1)).lengths(1)
+
+
+def test_cache_classes_have_a_public_home():
+    from mixsga import cache
+
+    assert cache.HeteroKVCache is _C.HeteroKVCache
+    assert cache.HeteroKVCacheOptions is _C.HeteroKVCacheOptions
+    assert "stored_bytes_per_token" in cache.HeteroKVCache.__doc__

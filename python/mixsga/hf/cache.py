@@ -86,11 +86,16 @@ class MixSGACache(Cache):
     Args:
         config: the model's config (its ``num_hidden_layers``), or the number of layers.
 
-    Memory: ``bytes_stored()`` is the compact size, sum over stored tokens and layers of
-    ``2 * (Hkv / g_e) * d * elem_size + 4`` (K, V and the token's int32 position); ``bytes_per_token()``
-    divides it by the tokens stored per layer; ``full_bytes_per_token()`` is what an uncompressed cache
-    of the same model needs (``2 * Hkv * d * elem_size`` per layer); ``bytes_allocated()`` adds the
-    growth slack and the rectangular padding of batched pools.
+    Memory, two quantities with two names (the same names as on ``HeteroKVCache``):
+
+    * *stored*: ``bytes_stored()`` is the compact size, sum over stored tokens and layers of
+      ``2 * (Hkv / g_e) * d * elem_size + 4`` (K, V and the token's int32 position);
+      ``stored_bytes_per_token()`` divides it by the tokens stored per layer. ``bytes_per_token()`` is
+      the same figure. Compare it with ``full_bytes_per_token()``, what an uncompressed cache of the
+      same model needs (``2 * Hkv * d * elem_size`` per layer).
+    * *allocated*: ``bytes_allocated()`` adds the growth slack and the rectangular padding of batched
+      pools; ``allocated_bytes_per_token()`` divides it by the same token count (it can exceed the
+      full figure right after a short prompt grew the pools).
     """
 
     def __init__(self, config=None, num_layers: int | None = None) -> None:
@@ -106,6 +111,13 @@ class MixSGACache(Cache):
     # --- used by the mixSGA attention layers -------------------------------------------------------------
     def hetero_for(self, attention) -> _C.HeteroKVCache:
         """The HeteroKVCache, created on first use from a mixSGA attention layer's ``cache_options``."""
+        layer_idx = getattr(attention, "layer_idx", None)
+        if isinstance(layer_idx, int) and not 0 <= layer_idx < len(self.layers):
+            raise IndexError(
+                f"MixSGACache: built for {len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}, but the "
+                f"model has more (attention layer_idx = {layer_idx}); create it with the model's config, "
+                "MixSGACache(model.config), or with num_layers >= the number of attention layers"
+            )
         if self.hetero is None:
             self.hetero = _C.HeteroKVCache(attention.cache_options(num_layers=len(self.layers)))
         return self.hetero
@@ -169,10 +181,19 @@ class MixSGACache(Cache):
         """Bytes allocated by the pools (compact size plus growth slack and batch padding)."""
         return 0 if self.hetero is None else int(self.hetero.bytes_used())
 
-    def bytes_per_token(self) -> float:
-        """Compact bytes per stored token, over all layers (0 when empty)."""
+    def stored_bytes_per_token(self) -> float:
+        """``bytes_stored()`` per stored token, over all layers (0 when empty): the compact cost of a token."""
         tokens = self.tokens_stored()
         return 0.0 if tokens == 0 else self.bytes_stored() / tokens
+
+    def allocated_bytes_per_token(self) -> float:
+        """``bytes_allocated()`` per stored token, over all layers (0 when empty): growth slack included."""
+        tokens = self.tokens_stored()
+        return 0.0 if tokens == 0 else self.bytes_allocated() / tokens
+
+    def bytes_per_token(self) -> float:
+        """The same as ``stored_bytes_per_token()`` (compact bytes per stored token)."""
+        return self.stored_bytes_per_token()
 
     def full_bytes_per_token(self) -> int:
         """Bytes per token of an uncompressed cache of the same model (all layers)."""

@@ -31,7 +31,7 @@ using mixsga::HeteroKVCacheOptions;
 // a LibTorch program built against the installed package) must use so the ops register only once.
 std::string library_path() {
   Dl_info info{};
-  if (dladdr(reinterpret_cast<const void*>(&mixsga::ops::kv_fraction), &info) == 0 || info.dli_fname == nullptr) {
+  if (dladdr(reinterpret_cast<const void*>(&mixsga::kv_fraction), &info) == 0 || info.dli_fname == nullptr) {
     throw std::runtime_error("mixsga: could not locate libmixsga (dladdr failed)");
   }
   return info.dli_fname;
@@ -204,7 +204,11 @@ void bind_cache(py::module_& m) {
 
   py::class_<HeteroKVCache, std::shared_ptr<HeteroKVCache>>(
       m, "HeteroKVCache",
-      "The compact inference KV cache: per layer, per expert pools [B, Hkv/g_e, T_e, d] (see mixsga/cache.h).")
+      "The compact inference KV cache (mixsga/cache.h): per layer, per expert pools [B, Hkv/g_e, T_e, d] holding\n"
+      "each token with only its expert's Hkv/g_e heads, plus its int32 position; padding is never stored.\n"
+      "Build it from a layer's cache_options(num_layers) and pass it as cache= to the attention layers.\n"
+      "Memory: bytes_stored() / stored_bytes_per_token() (= bytes_per_token()) count what the tokens need;\n"
+      "bytes_allocated() / allocated_bytes_per_token() add the growth slack and batch padding.")
       .def(py::init<HeteroKVCacheOptions>(), py::arg("options"))
       .def("append", &HeteroKVCache::append, py::arg("layer"), py::arg("keys"), py::arg("values"),
            py::arg("expert_idx"), py::arg("valid") = py::none(), py::arg("decode") = py::none(),
@@ -222,10 +226,18 @@ void bind_cache(py::module_& m) {
       .def("crop", &HeteroKVCache::crop, py::arg("length"), "Drops every token at position >= length.")
       .def("reset", &HeteroKVCache::reset)
       .def("shrink_to_fit", &HeteroKVCache::shrink_to_fit)
-      .def("bytes_used", &HeteroKVCache::bytes_used, "Bytes allocated for K/V pools and indexes.")
-      .def("bytes_stored", &HeteroKVCache::bytes_stored, "Bytes the stored tokens need.")
-      .def("bytes_per_token", &HeteroKVCache::bytes_per_token)
-      .def("full_bytes_per_token", &HeteroKVCache::full_bytes_per_token)
+      .def("bytes_allocated", &HeteroKVCache::bytes_allocated,
+           "Bytes allocated for K/V pools and indexes (growth slack and batch padding included).")
+      .def("bytes_used", &HeteroKVCache::bytes_used, "The same as bytes_allocated() (its older name).")
+      .def("bytes_stored", &HeteroKVCache::bytes_stored,
+           "Bytes the stored tokens need: sum over tokens and layers of 2 * (Hkv/g_e) * d * elem_size + 4.")
+      .def("stored_bytes_per_token", &HeteroKVCache::stored_bytes_per_token,
+           "bytes_stored() / stored tokens (0 when empty): compare with full_bytes_per_token().")
+      .def("allocated_bytes_per_token", &HeteroKVCache::allocated_bytes_per_token,
+           "bytes_allocated() / stored tokens (0 when empty): growth slack included.")
+      .def("bytes_per_token", &HeteroKVCache::bytes_per_token, "The same as stored_bytes_per_token().")
+      .def("full_bytes_per_token", &HeteroKVCache::full_bytes_per_token,
+           "Bytes per token of an uncompressed cache of the same model: 2 * Hkv * d * elem_size per layer.")
       .def("token_counts", &HeteroKVCache::token_counts, py::arg("layer"), "[E] int64 tokens stored per expert.")
       .def("decode_ratios", &HeteroKVCache::decode_ratios, py::arg("layer") = -1,
            "[E] float64 realised expert ratios of decode steps (all layers when layer < 0).");
@@ -337,7 +349,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "kv_fraction",
       [](const std::vector<int64_t>& group_sizes, const std::vector<double>& ratios) {
-        return ops::kv_fraction(group_sizes, ratios);
+        return mixsga::kv_fraction(group_sizes, ratios);
       },
       py::arg("group_sizes"), py::arg("ratios"),
         "KV budget relative to the base model: sum_e ratios[e] / group_sizes[e] (validates both).");

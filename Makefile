@@ -57,7 +57,7 @@ demo: build
 
 # The quality study (examples/python/study.py, docs/STUDY.md): static GQA, mixSGA as in the paper and
 # with the quality extensions at equal KV budgets, 3 seeds, on Debian's linux-doc and python docs; about
-# 75 min on 2 cores (runs are appended to out/study/runs.jsonl, so an interrupted study resumes).
+# 65 min on 2 cores (runs are appended to out/study/runs.jsonl, so an interrupted study resumes).
 # STUDY_ARGS=--quick for a smoke run.
 study: build
 	@PYTHONPATH=$(CURDIR)/$(BUILD)/python $(PYTHON) examples/python/study.py $(STUDY_ARGS)

@@ -178,3 +178,12 @@ TEST(Extensions, CheckpointsKeepTheNewOptionsAndRefuseAMismatch) {
     EXPECT_NE(std::string(e.what()).find("routing_signal"), std::string::npos) << e.what();
   }
 }
+
+TEST(Extensions, ForwardDefaultsWorkThroughAnyModule) {
+  // FORWARD_HAS_DEFAULT_ARGS: a container can call forward(hidden_states) alone.
+  auto m = make(options());
+  torch::nn::AnyModule any(m);
+  const auto x = torch::randn({1, 6, 32}, torch::kDouble);
+  const auto [out, aux] = any.forward<std::tuple<torch::Tensor, torch::Tensor>>(x);
+  EXPECT_TRUE(torch::allclose(out, std::get<0>(m->forward(x)), 0, 0));
+}

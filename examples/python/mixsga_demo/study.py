@@ -74,6 +74,14 @@ ARMS = (
              prepare=True, family="extended"),
     StudyArm("mixSGA ext 1:1 (75%)", "mixsga", 0.75, groups=(1, 2), ratios=(0.5, 0.5), options=EXTENDED,
              prepare=True, family="extended"),
+    # E1 alone (calibrated, learned key scales) with the paper's router: what helped SmolLM2 at conversion.
+    StudyArm("mixSGA E1 3:1:6 (50%)", "mixsga", 0.5, groups=(1, 2, 4), ratios=(0.3, 0.1, 0.6),
+             options=(("key_scale", "learned"),), prepare=True, family="E1 only"),
+    # Mild mixes: mostly the static baseline's group, 10 % of tokens promoted, 20 % demoted.
+    StudyArm("mixSGA ext 1:7:2 (50%)", "mixsga", 0.5, groups=(1, 2, 4), ratios=(0.1, 0.7, 0.2), options=EXTENDED,
+             prepare=True, family="extended, mild mix"),
+    StudyArm("mixSGA ext 1:7:2 (25%)", "mixsga", 0.25, groups=(2, 4, 8), ratios=(0.1, 0.7, 0.2), options=EXTENDED,
+             prepare=True, family="extended, mild mix"),
 )
 
 #: Each mixSGA arm's static baseline: the GQA arm of its budget.
@@ -171,7 +179,10 @@ def make_arm(base, arm: StudyArm, cfg: StudyConfig, data: TokenBlocks, seed: int
         if arm.prepare:
             g = torch.Generator().manual_seed(2000 + seed)
             pick = torch.randperm(data.train.shape[0], generator=g)[: cfg.prepare_blocks]
-            prepared = hf.prepare(model, data.train[pick])
+            # E3 (the router fitted to the pooling-error ranking) goes with E2; an E1-only arm keeps the
+            # paper's random router.
+            steps = 200 if dict(arm.options).get("routing_signal") == "pooling_error" else 0
+            prepared = hf.prepare(model, data.train[pick], router_steps=steps)
             info["key_scales_at_conversion"] = prepared["key_scales"]
             info["router_agreement_at_conversion"] = prepared["router_agreement"]
     return model, info
@@ -331,8 +342,10 @@ def summarise(rows: list[dict], arms: tuple[StudyArm, ...]) -> dict:
         baseline = BASELINES.get(arm.budget)
         if arm.method == "mixsga" and baseline in by_arm:
             ref = {r["seed"]: r for r in by_arm[baseline]}
-            for key in ("ppl_expert_choice", "ppl_argmax"):
-                diffs = [r[key] - ref[r["seed"]]["ppl_expert_choice"] for r in runs if r["seed"] in ref]
+            for key, ref_key in (("ppl_expert_choice", "ppl_expert_choice"), ("ppl_argmax", "ppl_expert_choice"),
+                                 ("conversion_ppl", "conversion_ppl")):
+                diffs = [r[key] - ref[r["seed"]][ref_key] for r in runs
+                         if r["seed"] in ref and r.get(key) is not None and ref[r["seed"]].get(ref_key) is not None]
                 if diffs:
                     m, sd = _mean_std(diffs)
                     s[f"diff_{key}"] = m
@@ -365,18 +378,22 @@ def render_markdown(report: dict) -> str:
         f"Data: {', '.join(d['sources'])}, {d['documents_train']} train / {d['documents_held_out']} held-out documents, "
         f"{d['tokens_train']:,} / {d['tokens_held_out']:,} tokens; {c['eval_blocks']} held-out blocks evaluated.", "",
         "| arm | KV budget | seeds | held-out ppl (expert choice) | ppl (causal argmax) | vs static (paired, ± SE) "
-        "| gap recovered | at conversion | decode ratios | decode budget | KV bytes/token | argmax/EC agreement |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gap recovered | at conversion | vs static at conversion | decode ratios | decode budget | KV bytes/token "
+        "| argmax/EC agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["arms"]:
         diff = "-"
         if "diff_ppl_expert_choice" in s:
             diff = f"{s['diff_ppl_expert_choice']:+.2f} ± {s['diff_ppl_expert_choice_se']:.2f}"
+        conv = "-"
+        if "diff_conversion_ppl" in s:
+            conv = f"{s['diff_conversion_ppl']:+.1f} ± {s['diff_conversion_ppl_se']:.1f}"
         gap = f"{100 * s['gap_recovered']:.0f} %" if "gap_recovered" in s else "-"
         ratios = ":".join(f"{x:.2f}" for x in s["decode_ratios"]) if "decode_ratios" in s else "-"
         lines.append(
             f"| {s['arm']} | {s['budget']:.0%} | {s['seeds']} | {_pm(s, 'ppl_expert_choice')} | {_pm(s, 'ppl_argmax')} "
-            f"| {diff} | {gap} | {_pm(s, 'conversion_ppl', '.1f')} | {ratios} | {_pm(s, 'decode_budget', '.3f')} "
+            f"| {diff} | {gap} | {_pm(s, 'conversion_ppl', '.1f')} | {conv} | {ratios} | {_pm(s, 'decode_budget', '.3f')} "
             f"| {_pm(s, 'kv_bytes_per_token', '.0f')} | {_pm(s, 'agreement', '.3f')} |")
     lines += ["", "'vs static': the mean over seeds of (arm - static GQA of the same budget), each seed against the "
               "baseline run with the same data order, ± its standard error. 'gap recovered': the share of the "
@@ -396,7 +413,9 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
     arms = report["arms"]
     for family, style, label in (("paper", "o--", "mixSGA as in the paper"),
-                                 ("extended", "s-", "mixSGA + extensions (E1-E3)")):
+                                 ("extended", "s-", "mixSGA + extensions (E1-E3)"),
+                                 ("extended, mild mix", "D-.", "mixSGA + E1-E3, mild mix 1:7:2"),
+                                 ("E1 only", "v", "mixSGA + E1 only")):
         pts = sorted((s for s in arms if s["family"] == family), key=lambda s: s["budget"])
         if pts:
             ax.errorbar([100 * s["budget"] for s in pts], [s["ppl_expert_choice"] for s in pts],

@@ -3,6 +3,8 @@
 /// KV experts (METHOD.md). Drop-in for a Llama-style attention layer.
 
 #include <torch/nn/cloneable.h>
+#include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any_value.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 #include <torch/serialize/archive.h>
@@ -156,6 +158,13 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
                        int64_t layer, bool cache_was_empty);
 
   int64_t head_dim_ = 0;
+
+ protected:
+  // So AnyModule / Sequential can call forward(hidden_states) with the other arguments defaulted.
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(std::optional<torch::Tensor>())},
+                           {2, torch::nn::AnyValue(std::optional<torch::Tensor>())},
+                           {3, torch::nn::AnyValue(static_cast<HeteroKVCache*>(nullptr))},
+                           {4, torch::nn::AnyValue(int64_t{0})})
 };
 TORCH_MODULE(MixSGAAttention);
 

@@ -129,13 +129,16 @@ KEY_SCALES = ("none", "group", "learned")
 ROUTING_SIGNALS = ("router", "pooling_error")
 
 
+def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``; else a ValueError naming the option, the choices and the value."""
+    if value not in choices:
+        raise ValueError(f"{name}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def check_key_scale(mode: str) -> str:
-    if mode not in KEY_SCALES:
-        raise ValueError(f"key_scale: must be one of {', '.join(map(repr, KEY_SCALES))}, got {mode!r}")
-    return mode
+    return check_choice(mode, "key_scale", KEY_SCALES)
 
 
 def check_routing_signal(mode: str) -> str:
-    if mode not in ROUTING_SIGNALS:
-        raise ValueError(f"routing_signal: must be one of {', '.join(map(repr, ROUTING_SIGNALS))}, got {mode!r}")
-    return mode
+    return check_choice(mode, "routing_signal", ROUTING_SIGNALS)

@@ -71,7 +71,7 @@ void MixSGAAttentionImpl::pretty_print(std::ostream& stream) const {
       o.key_scale(), o.routing_signal());
 }
 
-double MixSGAAttentionImpl::kv_fraction() const { return ops::kv_fraction(options.group_sizes(), options.ratios()); }
+double MixSGAAttentionImpl::kv_fraction() const { return mixsga::kv_fraction(options.group_sizes(), options.ratios()); }
 
 torch::Tensor MixSGAAttentionImpl::key_scales() const {
   const auto& w = q_proj->weight;

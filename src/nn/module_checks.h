@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
 
+#include <initializer_list>
 #include <string>
 #include <string_view>
 
@@ -40,14 +41,20 @@ inline std::string dtype_name(c10::ScalarType t) {
   }
 }
 
-inline void check_key_scale(const std::string& mode) {
-  TORCH_CHECK_VALUE(mode == "none" || mode == "group" || mode == "learned",
-                    fmt::format("key_scale: must be one of 'none', 'group', 'learned', got '{}'", mode));
+/// A string option that must be one of `choices`; the error names the option, the choices and the value.
+inline void check_choice(const std::string& value, std::string_view name, std::initializer_list<std::string_view> choices) {
+  for (const auto c : choices) {
+    if (value == c) return;
+  }
+  std::string listed;
+  for (const auto c : choices) listed += fmt::format("{}'{}'", listed.empty() ? "" : ", ", c);
+  TORCH_CHECK_VALUE(false, fmt::format("{}: must be one of {}, got '{}'", name, listed, value));
 }
 
+inline void check_key_scale(const std::string& mode) { check_choice(mode, "key_scale", {"none", "group", "learned"}); }
+
 inline void check_routing_signal(const std::string& mode) {
-  TORCH_CHECK_VALUE(mode == "router" || mode == "pooling_error",
-                    fmt::format("routing_signal: must be one of 'router', 'pooling_error', got '{}'", mode));
+  check_choice(mode, "routing_signal", {"router", "pooling_error"});
 }
 
 }  // namespace mixsga::detail

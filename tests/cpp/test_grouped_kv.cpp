@@ -208,10 +208,10 @@ TEST(ExpertPermutation, StableGroupingAndScatterGatherRoundTrip) {
 }
 
 TEST(KVFraction, PaperConfigurations) {
-  EXPECT_DOUBLE_EQ(ops::kv_fraction({1, 2, 4}, {0.3, 0.1, 0.6}), 0.5);
-  EXPECT_DOUBLE_EQ(ops::kv_fraction({1, 2, 4}, {0.25, 0.25, 0.5}), 0.5);
-  EXPECT_DOUBLE_EQ(ops::kv_fraction({1, 2, 4}, {0, 1, 0}), 0.5);
-  EXPECT_DOUBLE_EQ(ops::kv_fraction({1, 2, 4}, {0, 0, 1}), 0.25);
-  EXPECT_DOUBLE_EQ(ops::kv_fraction({1, 2, 4}, {1, 0, 0}), 1.0);
-  EXPECT_NEAR(ops::kv_fraction({1, 2, 4}, {0.1, 0.1, 0.8}), 0.35, 1e-12);
+  EXPECT_DOUBLE_EQ(mixsga::kv_fraction({1, 2, 4}, {0.3, 0.1, 0.6}), 0.5);
+  EXPECT_DOUBLE_EQ(mixsga::kv_fraction({1, 2, 4}, {0.25, 0.25, 0.5}), 0.5);
+  EXPECT_DOUBLE_EQ(mixsga::kv_fraction({1, 2, 4}, {0, 1, 0}), 0.5);
+  EXPECT_DOUBLE_EQ(mixsga::kv_fraction({1, 2, 4}, {0, 0, 1}), 0.25);
+  EXPECT_DOUBLE_EQ(mixsga::kv_fraction({1, 2, 4}, {1, 0, 0}), 1.0);
+  EXPECT_NEAR(mixsga::kv_fraction({1, 2, 4}, {0.1, 0.1, 0.8}), 0.35, 1e-12);
 }

@@ -204,7 +204,7 @@ void fuzz_hetero_decode_attention(Inputs& in) {
 void fuzz_small_helpers(Inputs& in) {
   const auto groups = in.group_sizes(in.uniform(1, 8));
   const auto ratios = in.ratios(static_cast<int64_t>(groups.size()));
-  const double f = checked([&] { return ops::kv_fraction(groups, ratios); });
+  const double f = checked([&] { return mixsga::kv_fraction(groups, ratios); });
   require(f > 0.0 && f <= 1.0 + 1e-9, fmt::format("kv_fraction: {} is not in (0, 1]", f));
   const auto w = in.tensor(in.shape(in.uniform(0, 3)), in.dtype());
   const int64_t g = in.int_arg(1, 4), d = in.int_arg(1, 4);

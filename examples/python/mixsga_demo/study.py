@@ -38,7 +38,9 @@ from mixsga.train.data import TokenBlocks
 from mixsga.train.evaluate import perplexity
 from mixsga.train.loop import TrainConfig, train
 
+from .base_model import cached_base_model, small_llama_config
 from .corpus import tokenize_documents
+from .reports import budget_axes, check_positive_finite, load_checked_report, save_budget_plot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,30 +143,9 @@ def build_data(cfg: StudyConfig, cache_dir: Path):
 
 
 def build_base(cfg: StudyConfig, data: TokenBlocks, cache_dir: Path):
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=max(512, cfg.block * 2), tie_word_embeddings=True, use_cache=False)
-    fields = {k: getattr(cfg, k) for k in ("base_steps", "base_lr", "batch", "block")}
-    key = hashlib.sha256(json.dumps([config.to_dict(), fields], sort_keys=True, default=str).encode()
-                         + data.train.numpy().tobytes()).hexdigest()[:16]
-    path = cache_dir / f"base-{key}.pt"
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    if path.is_file():
-        _log(f"base model: reusing {path}")
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-        return model
-    _log(f"base model: training from scratch ({cfg.base_steps} steps, cached afterwards)")
-    train(model, data, TrainConfig(steps=cfg.base_steps, batch_size=cfg.batch, lr=cfg.base_lr,
-                                   warmup_steps=max(1, cfg.base_steps // 20), seed=0, description="base"))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    return model
+    config = small_llama_config(cfg.vocab, cfg.hidden, cfg.intermediate, cfg.layers, cfg.heads, cfg.kv_heads, cfg.block,
+                                use_cache=False)
+    return cached_base_model(config, data, cache_dir, cfg.base_steps, cfg.base_lr, cfg.batch, 0, _log)
 
 
 def make_arm(base, arm: StudyArm, cfg: StudyConfig, data: TokenBlocks, seed: int):
@@ -405,12 +386,7 @@ def render_markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Held-out perplexity against KV budget with error bars (standard deviation over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    plt, fig, ax = budget_axes((6.6, 4.4))
     arms = report["arms"]
     for family, style, label in (("paper", "o--", "mixSGA as in the paper"),
                                  ("extended", "s-", "mixSGA + extensions (E1-E3)"),
@@ -428,23 +404,11 @@ def plot(report: dict, path: Path) -> None:
     for s in arms:
         if s["method"] == "base":
             ax.plot(100 * s["budget"], s["ppl_expert_choice"], "*", markersize=12, label="base (full KV)")
-    ax.set_xlabel("KV cache budget (% of the base model)")
-    ax.set_ylabel("held-out perplexity (mean ± std over seeds)")
-    ax.set_title("mixSGA vs static GQA at equal KV budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_budget_plot(plt, fig, ax, path, "held-out perplexity (mean ± std over seeds)",
+                     "mixSGA vs static GQA at equal KV budget")
 
 
 def check(out_dir: Path) -> None:
     """Every output exists, every mean is finite (the CI check of --quick)."""
-    for name in ("report.md", "report.json", "ppl_vs_kv.png", "runs.jsonl"):
-        if not (out_dir / name).is_file() or (out_dir / name).stat().st_size == 0:
-            raise RuntimeError(f"out: {out_dir / name} is missing or empty")
-    report = json.loads((out_dir / "report.json").read_text())
-    for s in report["arms"]:
-        for key in ("ppl_expert_choice", "ppl_argmax", "kv_bytes_per_token"):
-            if not (isinstance(s.get(key), (int, float)) and math.isfinite(s[key]) and s[key] > 0):
-                raise RuntimeError(f"report.json: arm {s['arm']!r} has {key} = {s.get(key)!r}")
+    report = load_checked_report(out_dir, ("report.md", "report.json", "ppl_vs_kv.png", "runs.jsonl"))
+    check_positive_finite(report["arms"], ("ppl_expert_choice", "ppl_argmax", "kv_bytes_per_token"))

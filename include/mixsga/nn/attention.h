@@ -95,7 +95,8 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
   ///                       are routed by `prefill_routing`, stored compactly, and attend as without a
   ///                       cache. On a non-empty cache tokens are routed by argmax (causal); a single
   ///                       token (L = 1) attends through hetero_decode_attention over the compact
-  ///                       pools, a longer chunk through the cache's K/V expanded on the fly.
+  ///                       pools, a longer chunk through hetero_cache_attention over the compact pools
+  ///                       (never expanded).
   /// @param layer          this layer's index in the cache.
   /// @return (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux; 0 for calls on a non-empty cache).
   std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& hidden_states,

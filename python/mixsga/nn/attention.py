@@ -186,12 +186,13 @@ class MixSGAAttention(nn.Module):
             position_ids: optional [B, L] or [L] positions; default arange(L), or cumsum(mask) - 1
                 (clamped at 0) when a mask is given, so left padding keeps positions starting at 0; offset
                 by the tokens already in the cache.
-            cache: optional ``mixsga._C.HeteroKVCache`` (inference; see ``cache_options``). On an empty
+            cache: optional ``mixsga.HeteroKVCache`` (inference; see ``cache_options``). On an empty
                 cache the call is a prefill: tokens are routed by ``prefill_routing``, stored compactly
                 (padding is not stored), and attend as without a cache. On a non-empty cache tokens
                 are routed by argmax (causal); one token (L = 1) attends through
                 ``torch.ops.mixsga.hetero_decode_attention`` over the compact pools, a longer chunk
-                through the cached K/V expanded on the fly. Same behaviour as the C++ module.
+                through ``torch.ops.mixsga.hetero_cache_attention`` over the compact pools (never expanded).
+                Same behaviour as the C++ module.
             layer_idx: this layer's index in the cache.
             rope: optional (cos, sin), each [B, L, d] or [1, L, d]: rotate q and k with these angles
                 instead of the layer's own plain RoPE (rope_theta), for models with another RoPE

@@ -252,7 +252,7 @@ void bind_attention(py::module_& m) {
       .def(py::init([](int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, std::optional<int64_t> head_dim,
                        std::vector<int64_t> group_sizes, std::vector<double> ratios, bool bias, double rope_theta,
                        std::string aux_loss, double aux_alpha, std::string prefill_routing, bool detach_router_input,
-                       double attention_dropout) {
+                       double attention_dropout, std::string key_scale, std::string routing_signal) {
              // head_dim None means hidden_size / num_heads; the C++ options spell that 0, so 0 itself
              // must not slip through as "derive it".
              TORCH_CHECK_VALUE(!head_dim.has_value() || *head_dim > 0,
@@ -267,22 +267,25 @@ void bind_attention(py::module_& m) {
                                                               .aux_alpha(aux_alpha)
                                                               .prefill_routing(std::move(prefill_routing))
                                                               .detach_router_input(detach_router_input)
-                                                              .attention_dropout(attention_dropout));
+                                                              .attention_dropout(attention_dropout)
+                                                              .key_scale(std::move(key_scale))
+                                                              .routing_signal(std::move(routing_signal)));
            }),
            py::arg("hidden_size"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim") = py::none(),
            py::arg("group_sizes") = std::vector<int64_t>{1, 2, 4}, py::arg("ratios") = std::vector<double>{0.3, 0.1, 0.6},
            py::arg("bias") = false, py::arg("rope_theta") = 10000.0, py::arg("aux_loss") = "sigmoid_ce",
            py::arg("aux_alpha") = 0.1, py::arg("prefill_routing") = "expert_choice",
-           py::arg("detach_router_input") = false, py::arg("attention_dropout") = 0.0,
+           py::arg("detach_router_input") = false, py::arg("attention_dropout") = 0.0, py::arg("key_scale") = "none",
+           py::arg("routing_signal") = "router",
            "The C++ mixsga::nn::MixSGAAttention; same arguments, parameter names and shapes as "
            "mixsga.nn.MixSGAAttention.")
       .def("forward", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
-           py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer") = 0,
+           py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer_idx") = 0,
            "(output [B, L, D], aux_loss 0-dim) from hidden_states [B, L, D], an optional [B, L] 0/1 padding "
            "mask and optional [B, L] or [L] positions. With a HeteroKVCache: prefill on an empty cache, "
-           "argmax-routed decode (compact attention for L = 1) on a non-empty one; `layer` indexes the cache.")
+           "argmax-routed decode (compact attention for L = 1) on a non-empty one; `layer_idx` indexes the cache.")
       .def("__call__", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
-           py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer") = 0)
+           py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer_idx") = 0)
       .def(
           "forward_with_routing",
           [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos,
@@ -290,7 +293,7 @@ void bind_attention(py::module_& m) {
             return routing_tuple(a.forward_with_routing(x, mask, pos, cache, layer));
           },
           py::arg("hidden_states"), py::arg("attention_mask") = py::none(), py::arg("position_ids") = py::none(),
-          py::arg("cache") = nullptr, py::arg("layer") = 0,
+          py::arg("cache") = nullptr, py::arg("layer_idx") = 0,
           "(output [B, L, D], aux_loss, expert_idx [B, L] int64 (the expert each token's K/V used), "
           "target_idx [B, L] int64 (the expert-choice assignment, the aux loss target)).")
       .def("forward_routed", &MixSGAAttentionImpl::forward_routed, py::arg("hidden_states"), py::arg("expert_idx"),
@@ -325,6 +328,8 @@ void bind_attention(py::module_& m) {
         d["prefill_routing"] = o.prefill_routing();
         d["detach_router_input"] = o.detach_router_input();
         d["attention_dropout"] = o.attention_dropout();
+        d["key_scale"] = o.key_scale();
+        d["routing_signal"] = o.routing_signal();
         return d;
       });
 }

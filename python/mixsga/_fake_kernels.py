@@ -151,6 +151,28 @@ def _expert_gather(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
+def _check_pools(q: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor], B: int,
+                 d: int, num_kv_heads: int) -> None:
+    """Every pool e is [B, Hkv/g_e, T_e, d] (Hkv/g_e dividing num_kv_heads) in q's dtype and device, and
+    v_pools[e] has k_pools[e]'s shape (the checks both attention ops share)."""
+    for e in range(len(k_pools)):
+        for pools, name in ((k_pools, "k_pools"), (v_pools, "v_pools")):
+            p = pools[e]
+            if p.dim() != 4 or p.shape[0] != B or p.shape[3] != d or p.shape[1] <= 0 or num_kv_heads % p.shape[1]:
+                raise ValueError(
+                    f"{name}[{e}]: expected shape [{B}, Hkv/g, T, {d}] with Hkv/g dividing num_kv_heads "
+                    f"({num_kv_heads}), got {shape_str(p.shape)}"
+                )
+            if p.dtype != q.dtype:
+                raise TypeError(f"{name}[{e}]: expected the dtype of q ({q.dtype}), got {p.dtype}")
+            check_device(p, q.device, f"{name}[{e}]")
+        if tuple(v_pools[e].shape) != tuple(k_pools[e].shape):
+            raise ValueError(
+                f"v_pools[{e}]: expected the shape of k_pools[{e}] {shape_str(k_pools[e].shape)}, "
+                f"got {shape_str(v_pools[e].shape)}"
+            )
+
+
 def _hetero_decode_attention(
     q: torch.Tensor,
     k_pools: Sequence[torch.Tensor],
@@ -173,22 +195,7 @@ def _hetero_decode_attention(
     if lengths.dim() != 2 or tuple(lengths.shape) != (B, E):
         raise ValueError(f"lengths: expected shape [{B}, {E}] (batch, pools), got {shape_str(lengths.shape)}")
     check_integer(lengths, "lengths")
-    for e in range(E):
-        for pools, name in ((k_pools, "k_pools"), (v_pools, "v_pools")):
-            p = pools[e]
-            if p.dim() != 4 or p.shape[0] != B or p.shape[3] != d or p.shape[1] <= 0 or num_kv_heads % p.shape[1]:
-                raise ValueError(
-                    f"{name}[{e}]: expected shape [{B}, Hkv/g, T, {d}] with Hkv/g dividing num_kv_heads "
-                    f"({num_kv_heads}), got {shape_str(p.shape)}"
-                )
-            if p.dtype != q.dtype:
-                raise TypeError(f"{name}[{e}]: expected the dtype of q ({q.dtype}), got {p.dtype}")
-            check_device(p, q.device, f"{name}[{e}]")
-        if tuple(v_pools[e].shape) != tuple(k_pools[e].shape):
-            raise ValueError(
-                f"v_pools[{e}]: expected the shape of k_pools[{e}] {shape_str(k_pools[e].shape)}, "
-                f"got {shape_str(v_pools[e].shape)}"
-            )
+    _check_pools(q, k_pools, v_pools, B, d, num_kv_heads)
     return q.new_empty(q.shape)
 
 
@@ -226,22 +233,8 @@ def _hetero_cache_attention(
     check_integer(lengths, "lengths")
     if lengths.device.type != "cpu" and lengths.device != q.device:
         raise ValueError(f"lengths: expected the CPU or the device of q ({q.device}), got {lengths.device}")
+    _check_pools(q, k_pools, v_pools, B, d, num_kv_heads)
     for e in range(E):
-        for pools, name in ((k_pools, "k_pools"), (v_pools, "v_pools")):
-            p = pools[e]
-            if p.dim() != 4 or p.shape[0] != B or p.shape[3] != d or p.shape[1] <= 0 or num_kv_heads % p.shape[1]:
-                raise ValueError(
-                    f"{name}[{e}]: expected shape [{B}, Hkv/g, T, {d}] with Hkv/g dividing num_kv_heads "
-                    f"({num_kv_heads}), got {shape_str(p.shape)}"
-                )
-            if p.dtype != q.dtype:
-                raise TypeError(f"{name}[{e}]: expected the dtype of q ({q.dtype}), got {p.dtype}")
-            check_device(p, q.device, f"{name}[{e}]")
-        if tuple(v_pools[e].shape) != tuple(k_pools[e].shape):
-            raise ValueError(
-                f"v_pools[{e}]: expected the shape of k_pools[{e}] {shape_str(k_pools[e].shape)}, "
-                f"got {shape_str(v_pools[e].shape)}"
-            )
         pos = key_positions[e]
         check_integer(pos, f"key_positions[{e}]")
         if tuple(pos.shape) != (B, k_pools[e].shape[2]):

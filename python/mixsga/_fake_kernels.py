@@ -4,9 +4,10 @@ A fake kernel computes only what the CPU/CUDA kernels would return: the shape, d
 (contiguous) strides of every output, from the input shapes and int arguments alone. That is what
 torch.compile traces with and what torch.library.opcheck compares against the real kernels.
 
-The shape/dtype checks of the real kernels are repeated here, so a bad call fails with the same message
-while tracing. Checks that need tensor *values* cannot run on fake tensors and are left to the real
-kernels (they raise the same ValueError when the compiled graph runs):
+Each fake kernel takes its op's arguments in schema order (mixsga.ops documents them). The shape/dtype
+checks of the real kernels are repeated here, so a bad call fails with the same message while tracing.
+Checks that need tensor *values* cannot run on fake tensors and are left to the real kernels (they raise
+the same ValueError when the compiled graph runs):
   * route_expert_choice: every sequence of valid_mask needs at least one valid token;
   * grouped_kv_pool, grouped_kv_proj, _grouped_kv_proj_backward, expert_permutation: expert_idx values
     must lie in [0, E);
@@ -86,14 +87,8 @@ def _check_proj(
     return heads
 
 
-def _grouped_kv_proj(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    expert_idx: torch.Tensor,
-    group_sizes: Sequence[int],
-    head_dim: int,
-) -> torch.Tensor:
+def _grouped_kv_proj(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, expert_idx: torch.Tensor,
+                     group_sizes: Sequence[int], head_dim: int) -> torch.Tensor:
     heads = _check_proj(x, weight, expert_idx, group_sizes, head_dim)
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
@@ -173,48 +168,48 @@ def _check_pools(q: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequ
             )
 
 
-def _hetero_decode_attention(
-    q: torch.Tensor,
-    k_pools: Sequence[torch.Tensor],
-    v_pools: Sequence[torch.Tensor],
-    lengths: torch.Tensor,
-    num_kv_heads: int,
-    scale: float | None = None,
-) -> torch.Tensor:
+def _check_query(q: torch.Tensor, dims: tuple[str, ...], num_kv_heads: int) -> tuple[int, ...]:
+    """q is floating with the named ``dims`` (query heads Hq second to last, a multiple of num_kv_heads);
+    returns its shape (the first checks of both attention ops)."""
     check_floating(q, "q")
-    if q.dim() != 3:
-        raise ValueError(f"q: expected shape [B, Hq, d], got {shape_str(q.shape)}")
-    B, Hq, d = q.shape
+    if q.dim() != len(dims):
+        raise ValueError(f"q: expected shape [{', '.join(dims)}], got {shape_str(q.shape)}")
+    Hq = q.shape[-2]
     if num_kv_heads <= 0 or Hq % num_kv_heads != 0:
         raise ValueError(f"num_kv_heads: must be > 0 and divide the query heads ({Hq}), got {num_kv_heads}")
-    E = len(k_pools)
-    if E < 1 or len(v_pools) != E:
-        raise ValueError(
-            f"k_pools / v_pools: expected the same number (>= 1) of pools, got {E} and {len(v_pools)}"
-        )
-    if lengths.dim() != 2 or tuple(lengths.shape) != (B, E):
+    return tuple(q.shape)
+
+
+def _check_pool_counts(**per_pool: Sequence[torch.Tensor]) -> int:
+    """Every list of ``per_pool`` (k_pools, v_pools, ...) holds the same number E >= 1 of entries; returns E."""
+    counts = [len(entries) for entries in per_pool.values()]
+    E = counts[0]
+    if E < 1 or any(n != E for n in counts[1:]):
+        got = ", ".join(str(n) for n in counts[:-1]) + f" and {counts[-1]}"
+        raise ValueError(f"{' / '.join(per_pool)}: expected the same number (>= 1) of pools, got {got}")
+    return E
+
+
+def _check_lengths(lengths: torch.Tensor, B: int, E: int) -> None:
+    """lengths is an integer [B, E] tensor (its values are checked by the kernels)."""
+    if tuple(lengths.shape) != (B, E):
         raise ValueError(f"lengths: expected shape [{B}, {E}] (batch, pools), got {shape_str(lengths.shape)}")
     check_integer(lengths, "lengths")
+
+
+def _hetero_decode_attention(q: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor],
+                             lengths: torch.Tensor, num_kv_heads: int, scale: float | None = None) -> torch.Tensor:
+    B, _, d = _check_query(q, ("B", "Hq", "d"), num_kv_heads)
+    E = _check_pool_counts(k_pools=k_pools, v_pools=v_pools)
+    _check_lengths(lengths, B, E)
     _check_pools(q, k_pools, v_pools, B, d, num_kv_heads)
     return q.new_empty(q.shape)
 
 
-def _hetero_cache_attention(
-    q: torch.Tensor,
-    query_positions: torch.Tensor,
-    k_pools: Sequence[torch.Tensor],
-    v_pools: Sequence[torch.Tensor],
-    key_positions: Sequence[torch.Tensor],
-    lengths: torch.Tensor,
-    num_kv_heads: int,
-    scale: float | None = None,
-) -> torch.Tensor:
-    check_floating(q, "q")
-    if q.dim() != 4:
-        raise ValueError(f"q: expected shape [B, L, Hq, d], got {shape_str(q.shape)}")
-    B, L, Hq, d = q.shape
-    if num_kv_heads <= 0 or Hq % num_kv_heads != 0:
-        raise ValueError(f"num_kv_heads: must be > 0 and divide the query heads ({Hq}), got {num_kv_heads}")
+def _hetero_cache_attention(q: torch.Tensor, query_positions: torch.Tensor, k_pools: Sequence[torch.Tensor],
+                            v_pools: Sequence[torch.Tensor], key_positions: Sequence[torch.Tensor],
+                            lengths: torch.Tensor, num_kv_heads: int, scale: float | None = None) -> torch.Tensor:
+    B, L, Hq, d = _check_query(q, ("B", "L", "Hq", "d"), num_kv_heads)
     check_integer(query_positions, "query_positions")
     if tuple(query_positions.shape) != (B, L):
         raise ValueError(
@@ -222,15 +217,8 @@ def _hetero_cache_attention(
         )
     if query_positions.device != q.device:
         raise ValueError(f"query_positions: expected the device of q ({q.device}), got {query_positions.device}")
-    E = len(k_pools)
-    if E < 1 or len(v_pools) != E or len(key_positions) != E:
-        raise ValueError(
-            f"k_pools / v_pools / key_positions: expected the same number (>= 1) of pools, got {E}, "
-            f"{len(v_pools)} and {len(key_positions)}"
-        )
-    if tuple(lengths.shape) != (B, E):
-        raise ValueError(f"lengths: expected shape [{B}, {E}] (batch, pools), got {shape_str(lengths.shape)}")
-    check_integer(lengths, "lengths")
+    E = _check_pool_counts(k_pools=k_pools, v_pools=v_pools, key_positions=key_positions)
+    _check_lengths(lengths, B, E)
     if lengths.device.type != "cpu" and lengths.device != q.device:
         raise ValueError(f"lengths: expected the CPU or the device of q ({q.device}), got {lengths.device}")
     _check_pools(q, k_pools, v_pools, B, d, num_kv_heads)

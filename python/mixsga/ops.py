@@ -93,14 +93,8 @@ def expert_gather(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
     return torch.ops.mixsga.expert_gather(x, permutation)
 
 
-def hetero_decode_attention(
-    q: torch.Tensor,
-    k_pools: Sequence[torch.Tensor],
-    v_pools: Sequence[torch.Tensor],
-    lengths: torch.Tensor,
-    num_kv_heads: int,
-    scale: float | None = None,
-) -> torch.Tensor:
+def hetero_decode_attention(q: torch.Tensor, k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor],
+                            lengths: torch.Tensor, num_kv_heads: int, scale: float | None = None) -> torch.Tensor:
     """One decode query per sequence against per-expert compact K/V pools, each pool's partial softmax
     merged by log-sum-exp; the expanded K/V are never formed. Not differentiable.
 
@@ -115,16 +109,9 @@ def hetero_decode_attention(
     return torch.ops.mixsga.hetero_decode_attention(q, list(k_pools), list(v_pools), lengths, int(num_kv_heads), scale)
 
 
-def hetero_cache_attention(
-    q: torch.Tensor,
-    query_positions: torch.Tensor,
-    k_pools: Sequence[torch.Tensor],
-    v_pools: Sequence[torch.Tensor],
-    key_positions: Sequence[torch.Tensor],
-    lengths: torch.Tensor,
-    num_kv_heads: int,
-    scale: float | None = None,
-) -> torch.Tensor:
+def hetero_cache_attention(q: torch.Tensor, query_positions: torch.Tensor, k_pools: Sequence[torch.Tensor],
+                           v_pools: Sequence[torch.Tensor], key_positions: Sequence[torch.Tensor],
+                           lengths: torch.Tensor, num_kv_heads: int, scale: float | None = None) -> torch.Tensor:
     """L new queries per sequence against per-expert compact K/V pools, causal by stored positions: query
     (b, l) attends to slot t < lengths[b, e] of pool e when key_positions[e][b, t] <= query_positions[b, l].
     The pools are read in place, never expanded to Hkv heads (query head h reads compact head

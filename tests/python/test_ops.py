@@ -277,28 +277,28 @@ def test_gradcheck_grouped_kv_pool():
     assert torch.autograd.gradcheck(lambda t: ops.grouped_kv_pool(t, idx, GROUPS), (kv,))
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_gradcheck_grouped_kv_proj(bias):
+def grouped_kv_proj_check_args(bias: bool):
+    """(function, float64 inputs) for gradcheck / gradgradcheck of grouped_kv_proj in x, weight (and bias):
+    4 KV heads of 2 dims over D = 6, fixed random experts."""
     x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, dtype=torch.float64, requires_grad=True) if bias else None
     idx = random_idx((2, 5))
     inputs = (x, w, b) if bias else (x, w)
     fn = lambda x, w, b=None: ops.grouped_kv_proj(x, w, b, idx, GROUPS, 2)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs)
+    return fn, inputs
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradcheck_grouped_kv_proj(bias):
+    assert torch.autograd.gradcheck(*grouped_kv_proj_check_args(bias))
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_gradgradcheck_grouped_kv_proj(bias):
     """Double backward (create_graph=True through the C++ backward op): second-order finite differences."""
     torch.manual_seed(5)
-    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(8, dtype=torch.float64, requires_grad=True) if bias else None
-    idx = random_idx((2, 5))
-    inputs = (x, w, b) if bias else (x, w)
-    fn = lambda x, w, b=None: ops.grouped_kv_proj(x, w, b, idx, GROUPS, 2)  # noqa: E731
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(*grouped_kv_proj_check_args(bias))
 
 
 def test_grouped_kv_proj_gradient_penalty_matches_reference_autograd():

@@ -4,7 +4,10 @@
   model's weights; ``to_gqa(model, kv_heads=...)``: the mean-pooled static GQA baseline.
 - ``MixSGACache``: the compact heterogeneous KV cache as a transformers ``Cache`` (``generate`` uses it).
 - ``aux_loss(model)``, ``mixsga_layers(model)``, ``kv_fraction(model)``: for training loops.
-- ``from_pretrained(path)``: reloads a converted model saved with ``save_pretrained``.
+- ``from_pretrained(path)``: reloads a converted model saved with ``save_pretrained``. Importing this
+  subpackage also registers the saved model types ("mixsga_llama", ...) with transformers, so
+  ``AutoModelForCausalLM.from_pretrained(path)`` gives the same converted model; without the import
+  transformers refuses the unknown model type (it never loads such a folder as a vanilla model).
 - ``prepare(model, blocks)``: calibrates pooled-key scales and warm-starts the routers on a few batches
   (``calibrate_key_scale``, ``warm_start_routers``); ``RECOMMENDED``: the quality extensions to convert
   with (docs/METHOD.md).

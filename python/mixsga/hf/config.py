@@ -1,10 +1,18 @@
 """The mixSGA settings of a converted model, as stored in ``model.config.mixsga`` (and so in the
-config.json that ``save_pretrained`` writes)."""
+config.json that ``save_pretrained`` writes), and the config classes of converted models.
+
+A converted model's config is a subclass of its family's config whose ``model_type`` is
+``"mixsga_<family>"`` (e.g. ``MixSGALlamaConfig``, "mixsga_llama"): the config.json it saves is then not
+mistaken for a plain Llama's, which transformers would load as a vanilla model, silently dropping the
+routers. ``import mixsga.hf`` registers these types with transformers' Auto classes (pretrained.py).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+
+from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 from .._checks import (
     check_aux_loss_kind,
@@ -18,6 +26,9 @@ from .._checks import (
 #: Attribute of ``model.config`` holding the settings (a plain dict, so it serialises as JSON).
 CONFIG_KEY = "mixsga"
 SETTINGS_VERSION = 1
+#: config.json key recording the family a converted model was made from (for people and other tools;
+#: mixsga reads the family from the config class).
+BASE_TYPE_KEY = "mixsga_base_model_type"
 
 
 @dataclass(frozen=True)
@@ -75,3 +86,73 @@ class MixSGASettings:
         if unknown:
             raise ValueError(f"config.{CONFIG_KEY}: unknown settings {sorted(unknown)}")
         return cls.create(**known)
+
+
+class _MixSGAConfigMixin:
+    """What the config classes of converted models add to their family's config."""
+
+    #: The family's own model_type (e.g. "llama").
+    mixsga_base_model_type = ""
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d[BASE_TYPE_KEY] = type(self).mixsga_base_model_type
+        return d
+
+
+# One class per family mixsga.hf.convert supports (SUPPORTED_MODEL_TYPES); module-level, so configs pickle.
+class MixSGALlamaConfig(_MixSGAConfigMixin, LlamaConfig):
+    """The config of a Llama model converted to mixSGA."""
+
+    model_type = "mixsga_llama"
+    mixsga_base_model_type = "llama"
+
+
+class MixSGAMistralConfig(_MixSGAConfigMixin, MistralConfig):
+    """The config of a Mistral model converted to mixSGA."""
+
+    model_type = "mixsga_mistral"
+    mixsga_base_model_type = "mistral"
+
+
+class MixSGAQwen2Config(_MixSGAConfigMixin, Qwen2Config):
+    """The config of a Qwen2 model converted to mixSGA."""
+
+    model_type = "mixsga_qwen2"
+    mixsga_base_model_type = "qwen2"
+
+
+class MixSGAOPTConfig(_MixSGAConfigMixin, OPTConfig):
+    """The config of an OPT model converted to mixSGA."""
+
+    model_type = "mixsga_opt"
+    mixsga_base_model_type = "opt"
+
+
+#: Family model_type -> the config class of its converted models.
+MIXSGA_CONFIG_CLASSES = {
+    cls.mixsga_base_model_type: cls
+    for cls in (MixSGALlamaConfig, MixSGAMistralConfig, MixSGAQwen2Config, MixSGAOPTConfig)
+}
+
+
+def base_model_type(config) -> str | None:
+    """The family of ``config`` ("llama" for both a LlamaConfig and a MixSGALlamaConfig); None if it
+    has no model_type."""
+    return getattr(type(config), "mixsga_base_model_type", None) or getattr(config, "model_type", None)
+
+
+def is_mixsga_config(config) -> bool:
+    """Whether ``config`` is the config of a converted model (one of the MixSGA*Config classes)."""
+    return isinstance(config, _MixSGAConfigMixin)
+
+
+def mark_converted(config) -> None:
+    """Makes ``config`` (of a family in MIXSGA_CONFIG_CLASSES) the config of a converted model, in place:
+    its class becomes the family's MixSGA*Config (a subclass adding no fields, so nothing else changes)."""
+    family = base_model_type(config)
+    if family not in MIXSGA_CONFIG_CLASSES:
+        raise TypeError(f"config: no mixSGA config class for model_type {family!r}")
+    config.__class__ = MIXSGA_CONFIG_CLASSES[family]
+    if "model_type" in vars(config):  # a loaded config keeps the model_type of its file, shadowing the class's
+        config.model_type = config.__class__.model_type

@@ -15,7 +15,7 @@ from ..nn.router import ExpertChoiceRouter
 from ..nn.shared_group_kv import pool_kv_weight
 from .attention import PADDING_MASK_KWARG, HFMixSGAAttention, HFMixSGAOPTAttention
 from .cache import MixSGACache
-from .config import CONFIG_KEY, MixSGASettings
+from .config import CONFIG_KEY, MixSGASettings, base_model_type, mark_converted
 
 #: model_type of the supported families: their decoder layers call ``self_attn`` with keyword arguments
 #: (hidden_states, attention_mask, past_key_values, position_ids, and position_embeddings = RoPE cos/sin
@@ -51,8 +51,10 @@ def convert(
             ``mixsga.hf.prepare(model, blocks)`` calibrates key scales and warm-starts the routers.
 
     After conversion:
-        - ``model.config.mixsga`` holds the settings, so ``save_pretrained`` stores them and
-          ``mixsga.hf.from_pretrained(path)`` rebuilds the model with its router weights.
+        - ``model.config.mixsga`` holds the settings and the config's class is the family's mixSGA
+          config (``model_type`` "mixsga_llama" etc.), so ``save_pretrained`` stores both and
+          ``mixsga.hf.from_pretrained(path)``, or ``AutoModelForCausalLM.from_pretrained(path)`` after
+          ``import mixsga.hf``, rebuilds the model with its router weights.
         - ``model(...)`` returns the usual outputs (the LM loss from ``labels``); add
           ``mixsga.hf.aux_loss(model)`` to it when training, it is what trains the routers.
         - ``model.generate(...)`` stores the compact ``MixSGACache``.
@@ -81,6 +83,7 @@ def convert(
         layer.self_attn = _mixsga_attention(layer.self_attn, idx, config, settings)
     for cfg in {id(c): c for c in (model.config, base.config)}.values():
         setattr(cfg, CONFIG_KEY, settings.to_dict())
+        mark_converted(cfg)  # model_type "mixsga_<family>": save_pretrained's config.json is not a plain model's
     _install_hooks(model, base)
     return model
 
@@ -97,7 +100,7 @@ def to_gqa(model: nn.Module, kv_heads: int) -> nn.Module:
         ValueError: ``kv_heads`` does not divide the model's num_key_value_heads.
     """
     base, config = _base_model(model, "to_gqa")
-    if config.model_type == "opt":
+    if base_model_type(config) == "opt":
         raise TypeError(
             "model: to_gqa needs grouped KV heads, which transformers' OPT attention does not have; "
             "convert(model, group_sizes=(1, g), ratios=(0, 1)) is the same baseline for OPT"
@@ -132,7 +135,7 @@ def is_converted(model: nn.Module) -> bool:
 def _base_model(model: nn.Module, caller: str):
     """(the decoder stack holding ``.layers``, its config), after checking the model family."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = base_model_type(config)  # a converted model's config says "mixsga_llama": its family is "llama"
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(
             f"model: {caller} supports transformers models of type {', '.join(SUPPORTED_MODEL_TYPES)}, got "
@@ -163,7 +166,8 @@ def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings
     weight = old.q_proj.weight
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
-    cls = HFMixSGAOPTAttention if config.model_type == "opt" else HFMixSGAAttention
+    family = base_model_type(config)
+    cls = HFMixSGAOPTAttention if family == "opt" else HFMixSGAAttention
     # Built on the meta device, then given the original projections: no copy of the model's weights.
     with torch.device("meta"):
         attn = cls(
@@ -185,7 +189,7 @@ def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings
             layer_idx=idx,
         )
     attn.q_proj, attn.k_proj, attn.v_proj = old.q_proj, old.k_proj, old.v_proj
-    output = _output_projection(config.model_type)
+    output = _output_projection(family)
     setattr(attn, output, getattr(old, output))
     attn.router = ExpertChoiceRouter(config.hidden_size, settings.ratios, settings.aux_loss).to(
         device=weight.device, dtype=weight.dtype

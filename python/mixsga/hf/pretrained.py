@@ -1,5 +1,15 @@
-"""Loading a converted model saved with ``save_pretrained``: the settings come from its config.json; the
-model is converted before transformers loads the checkpoint, so every saved tensor loads into its place."""
+"""Loading a converted model saved with ``save_pretrained``.
+
+Its config.json has ``model_type`` "mixsga_<family>" (config.py) and the settings under ``mixsga``.
+Importing ``mixsga.hf`` registers, per family, that config class with ``AutoConfig`` and a model class
+with ``AutoModelForCausalLM`` that builds the family's model and converts it before transformers loads
+the checkpoint, so every saved tensor (backbone, routers, key scales) loads into its place. A plain
+``AutoModelForCausalLM.from_pretrained(path)`` thus gives the converted model too; without
+``import mixsga.hf`` transformers refuses the unknown model type instead of loading a vanilla model.
+
+Folders saved before the mixSGA model types (``model_type`` "llama" etc. with a ``mixsga`` key) load
+with ``mixsga.hf.from_pretrained`` only: a plain transformers load cannot tell them from a vanilla model.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +17,16 @@ import os
 from dataclasses import asdict
 
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .config import CONFIG_KEY, MixSGASettings
-from .convert import convert
+from .attention import HFMixSGAAttention
+from .config import CONFIG_KEY, MIXSGA_CONFIG_CLASSES, MixSGASettings, base_model_type, is_mixsga_config, mark_converted
+from .convert import SUPPORTED_MODEL_TYPES, convert
 
 _ROUTER_KEY = ".router."
+# Children of a mixSGA layer that hold the original attention's tensors (loaded like a plain model's).
+_ORIGINAL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
 
 
 def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -22,65 +37,98 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
     loads into its place and transformers' load report lists only real problems. A local directory;
     nothing is downloaded. The result is the model's usual class (e.g. ``LlamaForCausalLM``), converted.
 
+    Also reads folders saved by earlier mixsga versions (``model_type`` "llama" etc. plus the
+    ``mixsga`` settings), which a plain transformers load would take for vanilla models.
+
     Raises:
         ValueError: the config has no mixSGA settings (a plain transformers checkpoint: load it with
             transformers and call ``convert``), or the checkpoint lacks tensors of the mixSGA layers.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"path: expected a directory written by save_pretrained, got {path!r}")
     config = AutoConfig.from_pretrained(path)
-    stored = getattr(config, CONFIG_KEY, None)
-    if stored is None:
+    if getattr(config, CONFIG_KEY, None) is None:
         raise ValueError(
             f"path: the config in {path!r} has no mixSGA settings (config.{CONFIG_KEY}); it is a plain "
             "transformers checkpoint: load it with transformers and call mixsga.hf.convert"
         )
-    settings = MixSGASettings.from_dict(stored)
-    options = {k: v for k, v in asdict(settings).items() if k not in ("group_sizes", "ratios")}
-    base_cls = _model_class(AutoModelForCausalLM, config)
-    model, info = _converting(base_cls, settings, options).from_pretrained(
-        path, config=config, output_loading_info=True, **kwargs)
-    new_keys = model.__dict__.pop("_mixsga_new_keys")
-    model.__class__ = base_cls  # the model's own class again: it saves, prints and pickles as usual
-    missing = sorted(set(info.get("missing_keys", ())) & set(new_keys))
-    if missing:
-        what = "router" if all(_ROUTER_KEY in k for k in new_keys) else "mixSGA"
-        raise ValueError(
-            f"path: the checkpoint in {path!r} lacks {len(missing)} of the {len(new_keys)} {what} tensors "
-            f"of a mixSGA model (first missing: {missing[0]}); was it saved after mixsga.hf.convert?"
-        )
-    return model
+    if not is_mixsga_config(config):  # the earlier format: a family's own config with the settings
+        family = base_model_type(config)
+        if family not in MIXSGA_CONFIG_CLASSES:
+            raise ValueError(
+                f"path: the checkpoint in {path!r} has model type {family!r}; mixsga.hf supports "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        mark_converted(config)
+    return _MODEL_CLASSES[base_model_type(config)].from_pretrained(path, config=config, **kwargs)
 
 
-def _model_class(auto_cls, config) -> type:
-    """The class ``auto_cls.from_pretrained`` would build for ``config`` (e.g. LlamaForCausalLM)."""
-    mapping = auto_cls._model_mapping
-    if type(config) not in mapping:
-        raise ValueError(
-            f"path: the checkpoint's model type {getattr(config, 'model_type', None)!r} has no "
-            f"{auto_cls.__name__} class in transformers"
-        )
-    cls = mapping[type(config)]
-    return cls[0] if isinstance(cls, (list, tuple)) else cls
+def _mixsga_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the tensors the conversion added (routers, key scales), which a checkpoint of
+    a converted model must hold."""
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, HFMixSGAAttention):
+            keys += [f"{name}.{k}" for k in module.state_dict() if k.split(".")[0] not in _ORIGINAL_PROJECTIONS]
+    return keys
 
 
-def _converting(base_cls: type, settings: MixSGASettings, options: dict) -> type:
-    """A subclass of ``base_cls`` that converts itself right after construction. transformers'
-    ``from_pretrained`` builds the model (on the meta device) and then loads the checkpoint into it, so
-    the mixSGA tensors are expected keys like any other (not "UNEXPECTED" ones loaded behind the
-    loader's back). It records the keys the conversion added, for the missing-tensor check."""
+class _ConvertingMixin:
+    """What the registered model classes add to their family's ``*ForCausalLM``: converting right after
+    construction (transformers' ``from_pretrained`` builds the model, on the meta device, and then loads
+    the checkpoint into it, so the mixSGA tensors are expected keys like any other, not "UNEXPECTED"
+    ones), and handing back a model of the family's own class."""
 
-    def __init__(self, config, *args, **kw):
-        base_cls.__init__(self, config, *args, **kw)
-        for cfg in (self.config, getattr(self, self.base_model_prefix, self).config):
-            if hasattr(cfg, CONFIG_KEY):
-                delattr(cfg, CONFIG_KEY)  # convert() writes it back
-        before = set(self.state_dict())
+    _mixsga_family_class: type  # e.g. LlamaForCausalLM
+
+    def __init__(self, config, *args, **kwargs):
+        settings = MixSGASettings.from_dict(getattr(config, CONFIG_KEY, None))
+        options = {k: v for k, v in asdict(settings).items() if k not in ("group_sizes", "ratios")}
+        super().__init__(config, *args, **kwargs)
         convert(self, settings.group_sizes, settings.ratios, **options)
-        self.__dict__["_mixsga_new_keys"] = sorted(set(self.state_dict()) - before)
 
-    return type(base_cls.__name__, (base_cls,),
-                {"__init__": __init__, "__module__": base_cls.__module__, "__qualname__": base_cls.__qualname__})
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model.__class__ = cls._mixsga_family_class  # saves, prints and pickles as the family's model
+        new_keys = _mixsga_keys(model)
+        missing = sorted(set(info.get("missing_keys", ())) & set(new_keys))
+        if missing:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            what = "router" if all(_ROUTER_KEY in k for k in new_keys) else "mixSGA"
+            raise ValueError(
+                f"path: the checkpoint in {os.fspath(where)!r} lacks {len(missing)} of the {len(new_keys)} "
+                f"{what} tensors of a mixSGA model (first missing: {missing[0]}); was it saved after "
+                "mixsga.hf.convert?"
+            )
+        return (model, info) if output_loading_info else model
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        # AutoModelForCausalLM.from_config(config of a converted model): a converted model, fresh routers.
+        model = super()._from_config(config, **kwargs)
+        model.__class__ = cls._mixsga_family_class
+        return model
+
+
+def _register() -> dict[str, type]:
+    """Registers every family's mixSGA config and model class with transformers' Auto classes; returns
+    {family: model class}. Re-registering (a reloaded module) replaces the earlier classes."""
+    classes = {}
+    for family, config_cls in MIXSGA_CONFIG_CLASSES.items():
+        family_cls = AutoModelForCausalLM._model_mapping[CONFIG_MAPPING[family]]  # e.g. LlamaForCausalLM
+        name = f"MixSGA{family_cls.__name__}"
+        classes[family] = type(name, (_ConvertingMixin, family_cls), {
+            "config_class": config_cls,
+            "_mixsga_family_class": family_cls,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{family_cls.__name__} converted to mixSGA on construction (``{config_cls.model_type}``).",
+        })
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, classes[family], exist_ok=True)
+    return classes
+
+
+_MODEL_CLASSES = _register()

@@ -7,6 +7,13 @@
 //             at::scaled_dot_product_attention(enable_gqa=true)
 // Counters: bytes_per_token (K/V + index bytes stored per token, this layer) and the cache bytes
 // read per second.
+//
+// And the new token's K/V side of a layer's decode step (project with the expert's weights, RoPE, store),
+// at D = 4096, two ways side by side:
+//   kv_compact  - what the layers do: SharedGroupKV::forward_compact (pooled weights, Hkv/g_e heads),
+//                 RoPE on the compact heads, HeteroKVCache::append_compact
+//   kv_expanded - the earlier path: grouped_kv_proj (repeated back to Hkv heads), RoPE on Hkv heads,
+//                 HeteroKVCache::append (group means)
 #include <benchmark/benchmark.h>
 #include <mixsga/mixsga.h>
 #include <torch/torch.h>
@@ -90,6 +97,49 @@ void BM_SdpaGQA50DecodeStep(benchmark::State& state) {
       benchmark::Counter(bytes_per_token * B * T, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+void BM_DecodeKV(benchmark::State& state, bool compact) {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(0);
+  const int64_t B = state.range(0), D = kHq * kD;
+  const auto dtype = dtype_of(state.range(1));
+  mixsga::nn::SharedGroupKV kv(mixsga::nn::SharedGroupKVOptions(D, kHkv, kD));
+  kv->to(dtype);
+  mixsga::HeteroKVCacheOptions o;
+  o.num_kv_heads = kHkv;
+  o.head_dim = kD;
+  o.dtype = dtype;
+  mixsga::HeteroKVCache cache(o);
+  const auto x = torch::randn({B, 1, D}).to(dtype);
+  const auto idx = torch::multinomial(torch::tensor({0.3, 0.1, 0.6}), B, true).view({B, 1});
+  const auto warm = torch::zeros({B, 16, kHkv, kD}, dtype);
+  cache.append(0, warm, warm, torch::zeros({B, 16}, torch::kLong));  // a prompt, so the step is a decode step
+  const auto positions = torch::full({B, 1}, 16, torch::kLong);
+  for (auto _ : state) {
+    if (compact) {
+      auto c = kv->forward_compact(x, idx);
+      for (size_t e = 0; e < c.keys.size(); ++e) {
+        if (c.keys[e].size(0) == 0) continue;
+        c.keys[e] = mixsga::nn::apply_rope(c.keys[e].unsqueeze(0), positions.view({1, -1}).index_select(1, c.rows[e]))
+                        .squeeze(0);
+      }
+      cache.append_compact(0, c.keys, c.values, idx, std::nullopt, true, positions);
+    } else {
+      auto [k, v] = kv->forward(x, idx);
+      cache.append(0, mixsga::nn::apply_rope(k, positions), v.contiguous(), idx, std::nullopt, true, positions);
+    }
+    state.PauseTiming();
+    cache.crop(16);
+    state.ResumeTiming();
+  }
+}
+
+void KVShapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"batch", "bf16"});
+  for (int64_t dtype : {0, 1})
+    for (int64_t batch : {1, 8}) b->Args({batch, dtype});
+  b->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.3);
+}
+
 // (batch, context, dtype: 0 = float32, 1 = bfloat16)
 void DecodeShapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"batch", "context", "bf16"});
@@ -103,6 +153,8 @@ BENCHMARK_CAPTURE(BM_CacheDecodeStep, mixsga, Variant::kMixSGA)->Apply(DecodeSha
 BENCHMARK_CAPTURE(BM_CacheDecodeStep, gqa50, Variant::kGQA50)->Apply(DecodeShapes);
 BENCHMARK_CAPTURE(BM_CacheDecodeStep, full, Variant::kFull)->Apply(DecodeShapes);
 BENCHMARK(BM_SdpaGQA50DecodeStep)->Apply(DecodeShapes);
+BENCHMARK_CAPTURE(BM_DecodeKV, kv_compact, true)->Apply(KVShapes);
+BENCHMARK_CAPTURE(BM_DecodeKV, kv_expanded, false)->Apply(KVShapes);
 
 }  // namespace
 

@@ -10,6 +10,8 @@
 #include <optional>
 #include <vector>
 
+#include "mixsga/detail/expert_stream.h"
+
 namespace mixsga {
 
 /// Options of HeteroKVCache.
@@ -38,13 +40,18 @@ struct HeteroKVCacheOptions {
 ///
 /// Layout of layer l, expert e: keys(l)[e] and values(l)[e] are [B, Hkv/g_e, T_e, d] views of pools
 /// with capacity >= T_e = max_b lengths(l)[b, e]; sequence b's tokens of expert e are the first
-/// lengths(l)[b, e] slots, in arrival order; positions(l)[e] ([B, T_e] int32) holds each slot's
-/// position in its sequence. Padding tokens are never stored. Keys are stored after RoPE.
+/// lengths(l)[b, e] slots, in position order. Padding tokens are never stored. Keys are stored after RoPE.
 ///
-/// Memory: a token of expert e costs 2 * (Hkv/g_e) * d * elem_size bytes of K/V plus 4 bytes of index
-/// (its int32 position; its expert is implied by the pool it lives in). Two quantities, two names:
-///  - *stored*: bytes_stored() counts exactly that; stored_bytes_per_token() (= bytes_per_token()) divides
-///    it by the stored tokens, the figure to compare with full_bytes_per_token();
+/// Positions belong to the caller (append's `positions`, by default each sequence's next ones) and the
+/// cache keeps them compactly: a sequence's stored tokens have consecutive positions start, start + 1, ...
+/// in each layer, so the index is one start per sequence plus each token's expert id in ceil(log2 E) bits
+/// (2 bits for 3 experts). positions(l) rebuilds every slot's position from it.
+///
+/// Memory: a token of expert e costs 2 * (Hkv/g_e) * d * elem_size bytes of K/V plus ceil(log2 E) bits
+/// of index per layer (index_bits_per_token() over all layers). Two quantities, two names:
+///  - *stored*: bytes_stored() counts exactly that (index bits rounded up to whole bytes per sequence and
+///    layer); stored_bytes_per_token() (= bytes_per_token()) divides it by the stored tokens, the figure to
+///    compare with full_bytes_per_token();
 ///  - *allocated*: bytes_allocated() (= bytes_used()) counts what the pools hold in memory, which exceeds
 ///    the stored bytes by the growth slack (at most a factor `growth` + 16 slots per pool) and, for
 ///    batch > 1, by the difference between the longest and each sequence of a pool (pools are
@@ -54,29 +61,48 @@ class HeteroKVCache {
  public:
   explicit HeteroKVCache(HeteroKVCacheOptions options);
 
-  /// Appends tokens of one layer.
+  /// Appends tokens of one layer, given at the full Hkv heads (the prefill path: the layer formed them
+  /// for attention anyway).
   /// @param layer      in [0, num_layers).
-  /// Errors (nothing is stored): keys / values of another dtype or device than the cache's, or not
-  /// [B, L, num_kv_heads, head_dim]; a batch size other than the one fixed by the first append; a layer
-  /// outside [0, num_layers); more than max_tokens tokens in a sequence.
   /// @param keys       [B, L, Hkv, d] per-token K (after RoPE); a token of expert e is stored as the mean
   ///                   of each group of g_e heads (exact for K from grouped_kv_proj, whose groups are equal).
   /// @param values     [B, L, Hkv, d] per-token V.
   /// @param expert_idx [B, L] integer expert per token.
   /// @param valid      optional [B, L] mask; tokens with 0 are not stored (padding).
   /// @param decode     count these tokens in the decode routing statistics (default: L == 1).
+  /// @param positions  optional [B, L] or [L] integer position of each token (any device); default: each
+  ///                   sequence continues from next_positions(). A sequence's valid tokens must continue
+  ///                   its stored positions one by one (an empty sequence may start anywhere >= 0).
+  /// Errors (nothing is stored): keys / values of another dtype or device than the cache's, or not
+  /// [B, L, num_kv_heads, head_dim]; a batch size other than the one fixed by the first append; a layer
+  /// outside [0, num_layers); more than max_tokens tokens in a sequence; positions that do not continue.
   /// The first append fixes the batch size B until reset().
   void append(int64_t layer, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& expert_idx,
-              const std::optional<at::Tensor>& valid = std::nullopt, std::optional<bool> decode = std::nullopt);
+              const std::optional<at::Tensor>& valid = std::nullopt, std::optional<bool> decode = std::nullopt,
+              const std::optional<at::Tensor>& positions = std::nullopt);
+
+  /// Appends tokens of one layer given at their compact size, never expanded to Hkv heads (the decode and
+  /// chunk path; see mixsga::nn::SharedGroupKV::forward_compact).
+  /// @param keys, values E tensors [N_e, Hkv/g_e, d]: the valid tokens of expert e (expert_idx == e, valid
+  ///                     != 0) in batch-major order (sequence 0's first, each sequence's in token order).
+  /// Other arguments and errors as append(); N_e must match expert_idx and valid.
+  void append_compact(int64_t layer, const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                      const at::Tensor& expert_idx, const std::optional<at::Tensor>& valid = std::nullopt,
+                      std::optional<bool> decode = std::nullopt,
+                      const std::optional<at::Tensor>& positions = std::nullopt);
 
   /// [B, Hkv/g_e, T_e, d] views of the stored keys / values of `layer`, one per expert.
   std::vector<at::Tensor> keys(int64_t layer) const;
   std::vector<at::Tensor> values(int64_t layer) const;
-  /// [B, T_e] int32 positions of the stored tokens, one per expert.
+  /// [B, T_e] int32 positions of the stored tokens, one per expert, rebuilt from the index on the host and
+  /// copied to the cache's device (slots past a sequence's length hold 0).
   std::vector<at::Tensor> positions(int64_t layer) const;
+  /// [B] int64 position each sequence's next token gets by default: its last stored position + 1 (0 for
+  /// an empty sequence).
+  at::Tensor next_positions(int64_t layer = 0) const;
   /// [B, E] int64 tokens stored per sequence and expert.
   at::Tensor lengths(int64_t layer) const;
-  /// [B] int64 tokens stored per sequence in `layer` (= the position of the sequence's next token).
+  /// [B] int64 tokens stored per sequence in `layer`.
   at::Tensor seq_lengths(int64_t layer = 0) const;
   /// Tokens stored per sequence in layer 0, or 0 before the first append.
   int64_t max_seq_length(int64_t layer = 0) const;
@@ -96,7 +122,8 @@ class HeteroKVCache {
   int64_t bytes_allocated() const;
   /// The same as bytes_allocated() (its older name).
   int64_t bytes_used() const { return bytes_allocated(); }
-  /// Bytes the stored tokens need: sum over tokens and layers of 2 * (Hkv/g_e) * d * elem_size + 4.
+  /// Bytes the stored tokens need: sum over tokens and layers of 2 * (Hkv/g_e) * d * elem_size, plus the
+  /// expert ids (index_bits_per_token() / num_layers bits a token) rounded up to bytes per sequence and layer.
   int64_t bytes_stored() const;
   /// bytes_stored() / stored tokens: the compact bytes one token costs over all layers (0 when empty).
   /// Tokens are counted per layer (layer 0), summed over the batch.
@@ -106,6 +133,9 @@ class HeteroKVCache {
   double allocated_bytes_per_token() const;
   /// stored_bytes_per_token() (the figure MixSGACache.bytes_per_token() gives in Python too).
   double bytes_per_token() const { return stored_bytes_per_token(); }
+  /// Index bits one token costs over all layers: num_layers * ceil(log2 E) (e.g. 32 for 16 layers of 3
+  /// experts: 4 bytes a token, next to 32,768 of fp32 K/V for Llama-3.2-1B).
+  int64_t index_bits_per_token() const;
   /// Per-token bytes of an uncompressed cache of the same model: 2 * Hkv * d * elem_size per layer.
   int64_t full_bytes_per_token() const;
   /// [E] int64 tokens stored per expert in `layer` (summed over the batch).
@@ -120,17 +150,34 @@ class HeteroKVCache {
  private:
   struct Pool {
     at::Tensor keys, values;  // [B, Hkv/g, capacity, d]
-    at::Tensor positions;     // [B, capacity] int32
   };
   struct Layer {
-    std::vector<Pool> pools;      // one per expert
-    at::Tensor lengths;           // [B, E] int64 (CPU)
-    at::Tensor decode_counts;     // [E] int64 (CPU)
+    std::vector<Pool> pools;                   // one per expert
+    std::vector<detail::ExpertStream> index;   // one per sequence: start position + expert ids
+    at::Tensor lengths;                        // [B, E] int64 (CPU)
+    at::Tensor decode_counts;                  // [E] int64 (CPU)
+  };
+  // Where an append puts each valid token, worked out on the host before anything is written.
+  struct Placement {
+    std::vector<std::vector<int64_t>> batch, token, slot;  // per expert, batch-major token order
+    std::vector<int64_t> start;                            // per sequence: position of its first new token
+    std::vector<int64_t> experts;                          // every valid token's expert, batch-major
+    std::vector<int64_t> new_tokens;                       // per sequence
+  };
+
+  // expert_idx and the valid mask of an append, checked and copied to the host ([B, L] int64 / bool).
+  struct HostRouting {
+    at::Tensor expert_idx, valid;
   };
 
   void check_layer(int64_t layer) const;
-  void append_cpu(Layer& state, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& idx,
-                  const at::Tensor& is_valid, bool decode);
+  HostRouting host_routing(int64_t B, int64_t L, const at::Tensor& expert_idx,
+                           const std::optional<at::Tensor>& valid) const;
+  // Checks positions and max_tokens against the layer's stored tokens, fixes the batch size on the first
+  // append and grows the pools; throws before anything changes.
+  Placement place(int64_t layer, const HostRouting& routing, const std::optional<at::Tensor>& positions);
+  void commit(Layer& state, const Placement& placement, bool decode);
+  void check_kv(const at::Tensor& t, const char* name, std::optional<c10::IntArrayRef> shape) const;
   void ensure_capacity(Pool& pool, int64_t expert, int64_t needed);
   int64_t capacity(const Pool& pool) const { return pool.keys.defined() ? pool.keys.size(2) : 0; }
   // max over sequences of lengths[b, e]: the filled prefix of expert e's pools (read on the host, no

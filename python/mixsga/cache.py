@@ -5,7 +5,11 @@ pybind11; this module is their public Python home (``mixsga.HeteroKVCache``), in
 ``mixsga._C``.
 
 A token routed to expert e is stored with only Hkv / g_e KV heads, in per-layer, per-expert pools
-``[B, Hkv/g_e, T_e, d]`` with each token's int32 position; padding is never stored. Typical use with the
+``[B, Hkv/g_e, T_e, d]``; padding is never stored. Positions belong to the caller and are kept compactly:
+a sequence's stored tokens have consecutive positions, so the index is one start per sequence plus each
+token's expert id in ceil(log2 E) bits (``index_bits_per_token()``); ``positions(layer)`` rebuilds them.
+``append`` takes K/V at the full Hkv heads (a prefill, stored as group means), ``append_compact`` takes
+them at the compact size (decode steps and chunks: never expanded). Typical use with the
 Python or C++ attention layer::
 
     cache = mixsga.HeteroKVCache(layer.cache_options(num_layers=1))   # dtype / device of the layer

@@ -6,7 +6,10 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <string>
 
 #include "ops/validation.h"
@@ -14,7 +17,6 @@
 namespace mixsga {
 
 namespace {
-constexpr int64_t kIndexBytesPerToken = sizeof(int32_t);  // the stored position
 constexpr int64_t kMinCapacity = 16;
 constexpr int64_t kMaxLayers = int64_t{1} << 20;
 constexpr int64_t kMaxTokenBytes = int64_t{1} << 32;
@@ -64,6 +66,7 @@ void HeteroKVCache::reset() {
   layers_.assign(options_.num_layers, Layer{});
   for (auto& layer : layers_) {
     layer.pools.assign(num_experts(), Pool{});
+    layer.index.clear();
     layer.lengths = at::zeros({0, num_experts()}, at::kLong);
     layer.decode_counts = at::zeros({num_experts()}, at::kLong);
   }
@@ -85,177 +88,280 @@ void HeteroKVCache::ensure_capacity(Pool& pool, int64_t expert, int64_t needed) 
   const int64_t heads = options_.num_kv_heads / options_.group_sizes[expert];
   const auto opts = at::TensorOptions().dtype(options_.dtype).device(options_.device);
   Pool grown{at::zeros({batch_, heads, new_capacity, options_.head_dim}, opts),
-             at::zeros({batch_, heads, new_capacity, options_.head_dim}, opts),
-             at::zeros({batch_, new_capacity}, opts.dtype(at::kInt))};
+             at::zeros({batch_, heads, new_capacity, options_.head_dim}, opts)};
   if (old_capacity > 0) {
     grown.keys.narrow(2, 0, old_capacity).copy_(pool.keys);
     grown.values.narrow(2, 0, old_capacity).copy_(pool.values);
-    grown.positions.narrow(1, 0, old_capacity).copy_(pool.positions);
   }
   pool = std::move(grown);
 }
 
-void HeteroKVCache::append(int64_t layer, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& expert_idx,
-                           const std::optional<at::Tensor>& valid, std::optional<bool> decode) {
-  check_layer(layer);
+void HeteroKVCache::check_kv(const at::Tensor& t, const char* name, std::optional<c10::IntArrayRef> shape) const {
   const auto& o = options_;
-  const int64_t E = num_experts();
-  // Every check happens before the first write, so a rejected append leaves the cache as it was.
-  for (const auto& [t, name] : {std::pair{&keys, "keys"}, std::pair{&values, "values"}}) {
-    TORCH_CHECK_VALUE(t->defined() && t->dim() == 4 && t->size(2) == o.num_kv_heads && t->size(3) == o.head_dim,
-                      fmt::format("{}: expected shape [B, L, {}, {}] (num_kv_heads, head_dim), got {}", name, o.num_kv_heads,
-                                  o.head_dim, t->defined() ? detail::shape_str(t->sizes()) : "undefined"));
-    // Named after the cache, not the argument: from a layer, the mismatch is the cache's options
-    // against the model's dtype / device.
-    TORCH_CHECK_TYPE(t->scalar_type() == o.dtype,
-                     fmt::format("cache: built for dtype {}, but the layer's K/V ({}) are {}; build the cache with "
-                                 "the model's dtype (e.g. from the layer's cache_options())",
-                                 dtype_name(o.dtype), name, dtype_name(t->scalar_type())));
-    TORCH_CHECK_VALUE(t->device() == o.device,
-                      fmt::format("cache: built for device {}, but the layer's K/V ({}) are on {}; build the cache on "
-                                  "the model's device (e.g. from the layer's cache_options())",
-                                  o.device.str(), name, t->device().str()));
+  if (shape.has_value()) {
+    TORCH_CHECK_VALUE(t.defined() && t.sizes().equals(*shape),
+                      fmt::format("{}: expected shape {}, got {}", name, detail::shape_str(*shape),
+                                  t.defined() ? detail::shape_str(t.sizes()) : "undefined"));
+  } else {
+    TORCH_CHECK_VALUE(t.defined() && t.dim() == 4 && t.size(2) == o.num_kv_heads && t.size(3) == o.head_dim,
+                      fmt::format("{}: expected shape [B, L, {}, {}] (num_kv_heads, head_dim), got {}", name,
+                                  o.num_kv_heads, o.head_dim, t.defined() ? detail::shape_str(t.sizes()) : "undefined"));
   }
-  TORCH_CHECK_VALUE(values.sizes().equals(keys.sizes()), fmt::format("values: expected the shape of keys {}, got {}",
-                                                                     detail::shape_str(keys.sizes()),
-                                                                     detail::shape_str(values.sizes())));
-  const int64_t B = keys.size(0), L = keys.size(1);
+  // Named after the cache, not the argument: from a layer, the mismatch is the cache's options against
+  // the model's dtype / device.
+  TORCH_CHECK_TYPE(t.scalar_type() == o.dtype,
+                   fmt::format("cache: built for dtype {}, but the layer's K/V ({}) are {}; build the cache with "
+                               "the model's dtype (e.g. from the layer's cache_options())",
+                               dtype_name(o.dtype), name, dtype_name(t.scalar_type())));
+  TORCH_CHECK_VALUE(t.device() == o.device,
+                    fmt::format("cache: built for device {}, but the layer's K/V ({}) are on {}; build the cache on "
+                                "the model's device (e.g. from the layer's cache_options())",
+                                o.device.str(), name, t.device().str()));
+}
+
+HeteroKVCache::HostRouting HeteroKVCache::host_routing(int64_t B, int64_t L, const at::Tensor& expert_idx,
+                                                        const std::optional<at::Tensor>& valid) const {
+  const auto& o = options_;
   TORCH_CHECK_VALUE(batch_ == 0 || B == batch_,
                     fmt::format("keys: batch size {} does not match the cache's batch size {} (reset() or reorder() "
                                 "to change it)", B, batch_));
-  detail::check_expert_idx(expert_idx, {B, L}, E, o.device);
-  at::Tensor is_valid;
+  detail::check_expert_idx(expert_idx, {B, L}, num_experts(), o.device);
+  // The placement is host work on small [B, L] tensors: one copy each instead of a sync per expert.
+  HostRouting routing{expert_idx.to(at::kCPU, at::kLong).contiguous(), {}};
   if (valid.has_value() && valid->defined()) {
     TORCH_CHECK_VALUE(valid->dim() == 2 && valid->size(0) == B && valid->size(1) == L,
                       fmt::format("valid: expected shape [{}, {}], got {}", B, L, detail::shape_str(valid->sizes())));
     TORCH_CHECK_VALUE(valid->device() == o.device, fmt::format("valid: expected the cache device {}, got {}",
                                                                o.device.str(), valid->device().str()));
-    is_valid = valid->ne(0);
+    routing.valid = valid->ne(0).to(at::kCPU).contiguous();
   } else {
-    is_valid = at::ones({B, L}, at::TensorOptions().dtype(at::kBool).device(o.device));
+    routing.valid = at::ones({B, L}, at::kBool);
   }
-  if (batch_ == 0) {
+  return routing;
+}
+
+HeteroKVCache::Placement HeteroKVCache::place(int64_t layer, const HostRouting& routing,
+                                              const std::optional<at::Tensor>& positions) {
+  const auto& o = options_;
+  const int64_t E = num_experts(), B = routing.expert_idx.size(0), L = routing.expert_idx.size(1);
+  at::Tensor pos;
+  if (positions.has_value() && positions->defined()) {
+    const auto& p = *positions;
+    TORCH_CHECK_TYPE(at::isIntegralType(p.scalar_type(), false),
+                     fmt::format("positions: expected an integer dtype, got {}", dtype_name(p.scalar_type())));
+    TORCH_CHECK_VALUE((p.dim() == 2 && p.size(0) == B && p.size(1) == L) || (p.dim() == 1 && p.size(0) == L),
+                      fmt::format("positions: expected shape [{}, {}] or [{}], got {}", B, L, L,
+                                  detail::shape_str(p.sizes())));
+    pos = p.to(at::kCPU, at::kLong).expand({B, L}).contiguous();
+  }
+
+  // Stored state of the layer, or that of an empty batch of B sequences before the first append.
+  const bool first = batch_ == 0;
+  const auto& state = layers_[layer];
+  const int64_t* ip = routing.expert_idx.const_data_ptr<int64_t>();
+  const bool* vp = routing.valid.const_data_ptr<bool>();
+  const int64_t* pp = pos.defined() ? pos.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* lp = first ? nullptr : state.lengths.const_data_ptr<int64_t>();
+  Placement placement;
+  placement.batch.resize(E), placement.token.resize(E), placement.slot.resize(E);
+  placement.start.assign(B, 0), placement.new_tokens.assign(B, 0);
+  std::vector<int64_t> wanted(E, 0), per_expert(E);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t stored = first ? 0 : state.index[b].size();
+    int64_t next = first ? 0 : state.index[b].next_position();
+    bool fresh = stored == 0;  // an empty sequence starts at the caller's first position
+    for (int64_t e = 0; e < E; ++e) per_expert[e] = first ? 0 : lp[b * E + e];
+    for (int64_t t = 0; t < L; ++t) {
+      if (!vp[b * L + t]) continue;
+      if (pp != nullptr) {
+        const int64_t given = pp[b * L + t];
+        TORCH_CHECK_VALUE(!fresh || given >= 0,
+                          fmt::format("positions: must be >= 0, got {} at [{}, {}]; the cache is unchanged", given, b, t));
+        TORCH_CHECK_VALUE(fresh || given == next,
+                          fmt::format("positions: sequence {}'s tokens must continue its stored positions one by one "
+                                      "(the cache keeps one start position per sequence), expected {} at [{}, {}], got "
+                                      "{}; the cache is unchanged", b, next, b, t, given));
+        next = given;
+      }
+      if (fresh) placement.start[b] = next;
+      fresh = false;
+      TORCH_CHECK_VALUE(next < std::numeric_limits<int32_t>::max(),
+                        fmt::format("positions: must be below 2^31 - 1 (positions(layer) is int32), got {} in "
+                                    "sequence {}; the cache is unchanged", next, b));
+      const int64_t e = ip[b * L + t];
+      placement.batch[e].push_back(b);
+      placement.token[e].push_back(t);
+      placement.slot[e].push_back(per_expert[e]++);
+      placement.experts.push_back(e);
+      ++placement.new_tokens[b];
+      ++next;
+    }
+    if (stored > 0) placement.start[b] = state.index[b].start;
+    const int64_t total = stored + placement.new_tokens[b];
+    TORCH_CHECK_VALUE(o.max_tokens == 0 || total <= o.max_tokens,
+                      fmt::format("keys: appending {} tokens would give a sequence {} tokens in layer {}, past "
+                                  "max_tokens = {}; the cache is unchanged", L, total, layer, o.max_tokens));
+    for (int64_t e = 0; e < E; ++e) wanted[e] = std::max(wanted[e], per_expert[e]);
+  }
+  if (first && B > 0) {
     batch_ = B;
     // Pools may survive from a batch that reorder() emptied; their batch dim is 0, so they must go
     // (found by tests/fuzz: the next append wrote through a null pool; corpus hetero_kv_cache 1000).
+    const int bits = detail::expert_id_bits(E);
     for (auto& l : layers_) {
       l.lengths = at::zeros({B, E}, at::kLong);
       l.pools.assign(E, Pool{});
+      l.index.assign(B, detail::ExpertStream(bits));
     }
   }
-  auto& state = layers_[layer];
-  const auto idx = expert_idx.to(at::kLong);
-  const auto seq_before = state.lengths.sum(1);                       // [B] CPU
-  const auto valid_counts = is_valid.sum(1).to(at::kCPU);            // [B]
-  if (o.max_tokens > 0 && B > 0) {
-    const auto after = seq_before + valid_counts;
-    const int64_t worst = after.max().item<int64_t>();
-    TORCH_CHECK_VALUE(worst <= o.max_tokens,
-                      fmt::format("keys: appending {} tokens would give a sequence {} tokens in layer {}, past "
-                                  "max_tokens = {}; the cache is unchanged", L, worst, layer, o.max_tokens));
-  }
-  if (B == 0 || L == 0) return;
-  if (o.device.is_cpu() && !o.portable_append) {
-    append_cpu(state, keys, values, idx, is_valid, decode.value_or(L == 1));
-    return;
-  }
+  for (int64_t e = 0; e < E; ++e) ensure_capacity(layers_[layer].pools[e], e, wanted[e]);
+  return placement;
+}
 
-  // Position of each new token in its sequence: tokens already stored + valid tokens before it.
-  const auto positions = (seq_before.to(o.device).unsqueeze(1) + is_valid.to(at::kLong).cumsum(1) - 1).to(at::kInt);
-  auto lengths = state.lengths.clone();
-  std::vector<at::Tensor> counts(E);
-  for (int64_t e = 0; e < E; ++e) counts[e] = (is_valid & idx.eq(e)).sum(1).to(at::kCPU);
-  for (int64_t e = 0; e < E; ++e) {
-    const auto mine = is_valid & idx.eq(e);                          // [B, L]
-    const int64_t n_new = counts[e].sum().item<int64_t>();
-    if (n_new == 0) continue;
-    auto& pool = state.pools[e];
-    const auto new_lengths = lengths.select(1, e) + counts[e];
-    ensure_capacity(pool, e, new_lengths.max().item<int64_t>());
-    const int64_t g = o.group_sizes[e], heads = o.num_kv_heads / g;
-    const auto where = mine.nonzero();                               // [n_new, 2]: (b, t)
-    const auto b_idx = where.select(1, 0), t_idx = where.select(1, 1);
-    const auto slot = (lengths.select(1, e).to(o.device).unsqueeze(1) + mine.to(at::kLong).cumsum(1) - 1)
-                          .index({b_idx, t_idx});
-    // Mean over each group of g heads: exact for pooled K/V, the pooling itself for raw K/V.
-    auto compact = [&](const at::Tensor& kv) {
-      return kv.index({b_idx, t_idx}).view({n_new, heads, g, o.head_dim}).mean(2);
-    };
-    pool.keys.permute({0, 2, 1, 3}).index_put_({b_idx, slot}, compact(keys));
-    pool.values.permute({0, 2, 1, 3}).index_put_({b_idx, slot}, compact(values));
-    pool.positions.index_put_({b_idx, slot}, positions.index({b_idx, t_idx}));
-    lengths.select(1, e).copy_(new_lengths);
+void HeteroKVCache::commit(Layer& state, const Placement& placement, bool decode) {
+  const int64_t E = num_experts();
+  int64_t* lp = state.lengths.mutable_data_ptr<int64_t>();
+  size_t next = 0;
+  for (int64_t b = 0; b < batch_; ++b) {
+    auto& stream = state.index[b];
+    if (stream.size() == 0) stream.start = placement.start[b];
+    for (int64_t i = 0; i < placement.new_tokens[b]; ++i) {
+      const int64_t e = placement.experts[next++];
+      stream.push(e);
+      ++lp[b * E + e];
+    }
   }
-  state.lengths = lengths;
-  if (decode.value_or(L == 1)) {
-    for (int64_t e = 0; e < E; ++e) state.decode_counts[e] += counts[e].sum();
+  if (decode) {
+    for (int64_t e = 0; e < E; ++e) state.decode_counts[e] += static_cast<int64_t>(placement.slot[e].size());
   }
 }
 
-// The CPU path of append: one pass to count, one to copy. A decode step is a few hundred bytes
-// per layer, so per-op overhead (not bandwidth) decides its cost; this keeps it to plain loops.
-void HeteroKVCache::append_cpu(Layer& state, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& idx,
-                               const at::Tensor& is_valid, bool decode) {
-  const auto& o = options_;
-  const int64_t B = keys.size(0), L = keys.size(1), E = num_experts(), d = o.head_dim, H = o.num_kv_heads;
-  const auto idx_c = idx.contiguous();
-  const auto valid_c = is_valid.contiguous();
-  const int64_t* ip = idx_c.const_data_ptr<int64_t>();
-  const bool* vp = valid_c.const_data_ptr<bool>();
-  auto lengths = state.lengths.clone();
-  int64_t* lp = lengths.mutable_data_ptr<int64_t>();
-  std::vector<int64_t> seq_before(B, 0), wanted(E, 0), new_counts(E, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    std::vector<int64_t> per_expert(lp + b * E, lp + (b + 1) * E);
-    for (int64_t e = 0; e < E; ++e) seq_before[b] += per_expert[e];
-    for (int64_t t = 0; t < L; ++t)
-      if (vp[b * L + t]) ++per_expert[ip[b * L + t]];
-    for (int64_t e = 0; e < E; ++e) wanted[e] = std::max(wanted[e], per_expert[e]);
-  }
-  for (int64_t e = 0; e < E; ++e) ensure_capacity(state.pools[e], e, wanted[e]);
+namespace {
+// Host vector -> int64 tensor on `device`.
+at::Tensor index_tensor(const std::vector<int64_t>& v, c10::Device device) {
+  return at::tensor(v, at::kLong).to(device);
+}
+}  // namespace
 
-  const auto k = keys.contiguous(), v = values.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "hetero_kv_cache_append", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> acc(d);
-    // Writes the group means of token row `src` [H, d] into slot `slot` of a [B, H/g, cap, d] pool.
-    auto write = [&](const scalar_t* src, at::Tensor& pool, int64_t b, int64_t slot, int64_t g) {
-      scalar_t* base = pool.mutable_data_ptr<scalar_t>();
-      const int64_t heads = H / g, cap = pool.size(2);
-      for (int64_t c = 0; c < heads; ++c) {
-        scalar_t* dst = base + ((b * heads + c) * cap + slot) * d;
-        const scalar_t* row = src + c * g * d;
-        if (g == 1) {
-          std::copy(row, row + d, dst);
-          continue;
+void HeteroKVCache::append(int64_t layer, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& expert_idx,
+                           const std::optional<at::Tensor>& valid, std::optional<bool> decode,
+                           const std::optional<at::Tensor>& positions) {
+  check_layer(layer);
+  const auto& o = options_;
+  // Every check happens before the first write, so a rejected append leaves the cache as it was.
+  check_kv(keys, "keys", std::nullopt);
+  check_kv(values, "values", std::nullopt);
+  TORCH_CHECK_VALUE(values.sizes().equals(keys.sizes()), fmt::format("values: expected the shape of keys {}, got {}",
+                                                                     detail::shape_str(keys.sizes()),
+                                                                     detail::shape_str(values.sizes())));
+  const int64_t B = keys.size(0), L = keys.size(1), H = o.num_kv_heads, d = o.head_dim;
+  const auto placement = place(layer, host_routing(B, L, expert_idx, valid), positions);
+  if (placement.experts.empty()) return;
+  auto& state = layers_[layer];
+  if (o.device.is_cpu() && !o.portable_append) {
+    // A decode step is a few hundred bytes per layer, so per-op overhead (not bandwidth) decides its
+    // cost: plain loops that write each token's group means into its slot.
+    const auto k = keys.contiguous(), v = values.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "hetero_kv_cache_append", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<acc_t> acc(d);
+      auto write = [&](const scalar_t* src, at::Tensor& pool, int64_t b, int64_t slot, int64_t g) {
+        scalar_t* base = pool.mutable_data_ptr<scalar_t>();
+        const int64_t heads = H / g, cap = pool.size(2);
+        for (int64_t c = 0; c < heads; ++c) {
+          scalar_t* dst = base + ((b * heads + c) * cap + slot) * d;
+          const scalar_t* row = src + c * g * d;
+          if (g == 1) {
+            std::copy(row, row + d, dst);
+            continue;
+          }
+          for (int64_t i = 0; i < d; ++i) acc[i] = static_cast<acc_t>(row[i]);
+          for (int64_t h = 1; h < g; ++h)
+            for (int64_t i = 0; i < d; ++i) acc[i] += static_cast<acc_t>(row[h * d + i]);
+          const acc_t inv = acc_t(1) / static_cast<acc_t>(g);
+          for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<scalar_t>(acc[i] * inv);
         }
-        for (int64_t i = 0; i < d; ++i) acc[i] = static_cast<acc_t>(row[i]);
-        for (int64_t h = 1; h < g; ++h)
-          for (int64_t i = 0; i < d; ++i) acc[i] += static_cast<acc_t>(row[h * d + i]);
-        const acc_t inv = acc_t(1) / static_cast<acc_t>(g);
-        for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<scalar_t>(acc[i] * inv);
-      }
-    };
-    const scalar_t* kp = k.const_data_ptr<scalar_t>();
-    const scalar_t* vp_ = v.const_data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      int64_t position = seq_before[b];
-      for (int64_t t = 0; t < L; ++t) {
-        if (!vp[b * L + t]) continue;
-        const int64_t e = ip[b * L + t], g = o.group_sizes[e];
+      };
+      for (int64_t e = 0; e < num_experts(); ++e) {
         auto& pool = state.pools[e];
-        const int64_t slot = lp[b * E + e]++;
-        write(kp + (b * L + t) * H * d, pool.keys, b, slot, g);
-        write(vp_ + (b * L + t) * H * d, pool.values, b, slot, g);
-        pool.positions.mutable_data_ptr<int32_t>()[b * pool.positions.size(1) + slot] = static_cast<int32_t>(position++);
-        ++new_counts[e];
+        for (size_t i = 0; i < placement.slot[e].size(); ++i) {
+          const int64_t b = placement.batch[e][i], t = placement.token[e][i], slot = placement.slot[e][i];
+          write(k.const_data_ptr<scalar_t>() + (b * L + t) * H * d, pool.keys, b, slot, o.group_sizes[e]);
+          write(v.const_data_ptr<scalar_t>() + (b * L + t) * H * d, pool.values, b, slot, o.group_sizes[e]);
+        }
       }
+    });
+  } else {
+    for (int64_t e = 0; e < num_experts(); ++e) {
+      const int64_t n = static_cast<int64_t>(placement.slot[e].size());
+      if (n == 0) continue;
+      const int64_t g = o.group_sizes[e];
+      const auto b_idx = index_tensor(placement.batch[e], o.device), t_idx = index_tensor(placement.token[e], o.device);
+      const auto slot = index_tensor(placement.slot[e], o.device);
+      // Mean over each group of g heads: exact for pooled K/V, the pooling itself for raw K/V.
+      auto compact = [&](const at::Tensor& kv) { return kv.index({b_idx, t_idx}).view({n, H / g, g, d}).mean(2); };
+      auto& pool = state.pools[e];
+      pool.keys.permute({0, 2, 1, 3}).index_put_({b_idx, slot}, compact(keys));
+      pool.values.permute({0, 2, 1, 3}).index_put_({b_idx, slot}, compact(values));
     }
-  });
-  state.lengths = lengths;
-  if (decode) {
-    for (int64_t e = 0; e < E; ++e) state.decode_counts[e] += new_counts[e];
   }
+  commit(state, placement, decode.value_or(L == 1));
+}
+
+void HeteroKVCache::append_compact(int64_t layer, const std::vector<at::Tensor>& keys,
+                                   const std::vector<at::Tensor>& values, const at::Tensor& expert_idx,
+                                   const std::optional<at::Tensor>& valid, std::optional<bool> decode,
+                                   const std::optional<at::Tensor>& positions) {
+  check_layer(layer);
+  const auto& o = options_;
+  const int64_t E = num_experts(), d = o.head_dim;
+  for (const auto& [list, name] : {std::pair{&keys, "keys"}, std::pair{&values, "values"}}) {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(list->size()) == E,
+                      fmt::format("{}: expected one tensor per expert ({}), got {}", name, E, list->size()));
+  }
+  TORCH_CHECK_VALUE(expert_idx.defined() && expert_idx.dim() == 2,
+                    fmt::format("expert_idx: expected shape [B, L], got {}",
+                                expert_idx.defined() ? detail::shape_str(expert_idx.sizes()) : "undefined"));
+  const int64_t B = expert_idx.size(0), L = expert_idx.size(1);
+  // place() grows the pools, so the K/V shapes are checked against the routing first: nothing may change
+  // before every check has passed.
+  const auto routing = host_routing(B, L, expert_idx, valid);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = (routing.valid & routing.expert_idx.eq(e)).sum().item<int64_t>();
+    const std::vector<int64_t> shape{n, o.num_kv_heads / o.group_sizes[e], d};
+    check_kv(keys[e], fmt::format("keys[{}]", e).c_str(), shape);
+    check_kv(values[e], fmt::format("values[{}]", e).c_str(), shape);
+  }
+  const auto placement = place(layer, routing, positions);
+  if (placement.experts.empty()) return;
+  auto& state = layers_[layer];
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = static_cast<int64_t>(placement.slot[e].size());
+    if (n == 0) continue;
+    auto& pool = state.pools[e];
+    if (o.device.is_cpu() && !o.portable_append) {
+      // Row i ([h, d]) goes to slot placement.slot[e][i] of sequence placement.batch[e][i], head by head.
+      const auto k = keys[e].contiguous(), v = values[e].contiguous();
+      const int64_t heads = o.num_kv_heads / o.group_sizes[e], cap = pool.keys.size(2);
+      const int64_t row_bytes = d * static_cast<int64_t>(k.element_size());
+      for (auto [src, dst] : {std::pair{&k, &pool.keys}, std::pair{&v, &pool.values}}) {
+        const auto* from = static_cast<const char*>(src->const_data_ptr());
+        auto* to = static_cast<char*>(dst->mutable_data_ptr());
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t b = placement.batch[e][i], slot = placement.slot[e][i];
+          for (int64_t c = 0; c < heads; ++c) {
+            std::memcpy(to + ((b * heads + c) * cap + slot) * row_bytes, from + (i * heads + c) * row_bytes,
+                        static_cast<size_t>(row_bytes));
+          }
+        }
+      }
+    } else {
+      const auto b_idx = index_tensor(placement.batch[e], o.device), slot = index_tensor(placement.slot[e], o.device);
+      pool.keys.permute({0, 2, 1, 3}).index_put_({b_idx, slot}, keys[e]);
+      pool.values.permute({0, 2, 1, 3}).index_put_({b_idx, slot}, values[e]);
+    }
+  }
+  commit(state, placement, decode.value_or(L == 1));
 }
 
 int64_t HeteroKVCache::stored_slots(const Layer& state, int64_t expert) const {
@@ -292,14 +398,33 @@ std::vector<at::Tensor> HeteroKVCache::values(int64_t layer) const {
 }
 
 std::vector<at::Tensor> HeteroKVCache::positions(int64_t layer) const {
-  const auto k = keys(layer);
+  check_layer(layer);
   const auto& state = layers_[layer];
-  std::vector<at::Tensor> out;
-  for (int64_t e = 0; e < num_experts(); ++e) {
-    out.push_back(state.pools[e].positions.defined()
-                      ? state.pools[e].positions.narrow(1, 0, k[e].size(2))
-                      : at::empty({batch_, 0}, at::TensorOptions().dtype(at::kInt).device(options_.device)));
+  const int64_t E = num_experts();
+  std::vector<at::Tensor> host(E);
+  std::vector<int32_t*> out(E);
+  for (int64_t e = 0; e < E; ++e) {
+    host[e] = at::zeros({batch_, stored_slots(state, e)}, at::kInt);
+    out[e] = host[e].mutable_data_ptr<int32_t>();
   }
+  // Walk each sequence's expert ids in position order: the i-th token went to the next free slot of its pool.
+  std::vector<int64_t> slot(E);
+  for (int64_t b = 0; b < batch_; ++b) {
+    const auto& stream = state.index[b];
+    std::fill(slot.begin(), slot.end(), 0);
+    for (int64_t i = 0; i < stream.size(); ++i) {
+      const int64_t e = stream.get(i);
+      out[e][b * host[e].size(1) + slot[e]++] = static_cast<int32_t>(stream.start + i);
+    }
+  }
+  for (auto& t : host) t = t.to(options_.device);
+  return host;
+}
+
+at::Tensor HeteroKVCache::next_positions(int64_t layer) const {
+  check_layer(layer);
+  auto out = at::zeros({batch_}, at::kLong);
+  for (int64_t b = 0; b < batch_; ++b) out[b] = layers_[layer].index[b].next_position();
   return out;
 }
 
@@ -333,7 +458,7 @@ void HeteroKVCache::reorder(const at::Tensor& beam_idx) {
   TORCH_CHECK_TYPE(at::isIntegralType(beam_idx.scalar_type(), false),
                    fmt::format("beam_idx: expected an integer dtype, got {}", c10::toString(beam_idx.scalar_type())));
   if (batch_ == 0) return;
-  const auto idx = beam_idx.to(at::kLong).to(at::kCPU);
+  const auto idx = beam_idx.to(at::kLong).to(at::kCPU).contiguous();
   if (idx.numel() > 0) {
     const auto [lo, hi] = at::aminmax(idx);
     TORCH_CHECK_INDEX(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < batch_,
@@ -346,8 +471,11 @@ void HeteroKVCache::reorder(const at::Tensor& beam_idx) {
       if (!pool.keys.defined()) continue;
       pool.keys = pool.keys.index_select(0, on_device);
       pool.values = pool.values.index_select(0, on_device);
-      pool.positions = pool.positions.index_select(0, on_device);
     }
+    std::vector<detail::ExpertStream> index;
+    index.reserve(static_cast<size_t>(idx.size(0)));
+    for (int64_t i = 0; i < idx.size(0); ++i) index.push_back(layer.index[idx.const_data_ptr<int64_t>()[i]]);
+    layer.index = std::move(index);
     layer.lengths = layer.lengths.index_select(0, idx);
   }
   batch_ = idx.size(0);
@@ -355,16 +483,15 @@ void HeteroKVCache::reorder(const at::Tensor& beam_idx) {
 
 void HeteroKVCache::crop(int64_t length) {
   TORCH_CHECK_VALUE(length >= 0, fmt::format("length: must be >= 0, got {}", length));
-  if (batch_ == 0) return;
+  const int64_t E = num_experts();
   for (auto& layer : layers_) {
-    for (int64_t e = 0; e < num_experts(); ++e) {
-      auto& pool = layer.pools[e];
-      if (!pool.keys.defined()) continue;
-      // Slots are filled in position order, so the kept tokens are a prefix of each pool row.
-      const auto slots = at::arange(capacity(pool), at::TensorOptions().dtype(at::kLong).device(options_.device));
-      const auto stored = slots.unsqueeze(0) < layer.lengths.select(1, e).to(options_.device).unsqueeze(1);
-      const auto kept = (stored & (pool.positions < length)).sum(1).to(at::kCPU);
-      layer.lengths.select(1, e).copy_(kept);
+    int64_t* lp = layer.lengths.mutable_data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch_; ++b) {
+      auto& stream = layer.index[b];
+      const int64_t keep = std::clamp<int64_t>(length - stream.start, 0, stream.size());
+      // Each pool keeps a prefix (slots are filled in position order): the dropped tokens are the last ones.
+      for (int64_t i = keep; i < stream.size(); ++i) --lp[b * E + stream.get(i)];
+      stream.truncate(keep);
     }
   }
 }
@@ -381,8 +508,8 @@ void HeteroKVCache::shrink_to_fit() {
       }
       pool.keys = pool.keys.narrow(2, 0, stored).clone();
       pool.values = pool.values.narrow(2, 0, stored).clone();
-      pool.positions = pool.positions.narrow(1, 0, stored).clone();
     }
+    for (auto& stream : layer.index) stream.shrink_to_fit();
   }
 }
 
@@ -391,8 +518,9 @@ int64_t HeteroKVCache::bytes_allocated() const {
   for (const auto& layer : layers_) {
     for (const auto& pool : layer.pools) {
       if (!pool.keys.defined()) continue;
-      bytes += pool.keys.nbytes() + pool.values.nbytes() + pool.positions.nbytes();
+      bytes += pool.keys.nbytes() + pool.values.nbytes();
     }
+    for (const auto& stream : layer.index) bytes += stream.bytes_allocated() + static_cast<int64_t>(sizeof(stream));
     bytes += layer.lengths.nbytes();
   }
   return bytes;
@@ -406,8 +534,9 @@ int64_t HeteroKVCache::bytes_stored() const {
     const auto per_expert = layer.lengths.sum(0);
     for (int64_t e = 0; e < num_experts(); ++e) {
       const int64_t heads = options_.num_kv_heads / options_.group_sizes[e];
-      bytes += per_expert[e].item<int64_t>() * (2 * heads * options_.head_dim * elem + kIndexBytesPerToken);
+      bytes += per_expert[e].item<int64_t>() * 2 * heads * options_.head_dim * elem;
     }
+    for (const auto& stream : layer.index) bytes += stream.bytes_stored();
   }
   return bytes;
 }
@@ -424,6 +553,10 @@ double HeteroKVCache::stored_bytes_per_token() const {
 double HeteroKVCache::allocated_bytes_per_token() const {
   const int64_t tokens = stored_tokens();
   return tokens == 0 ? 0.0 : static_cast<double>(bytes_allocated()) / static_cast<double>(tokens);
+}
+
+int64_t HeteroKVCache::index_bits_per_token() const {
+  return options_.num_layers * detail::expert_id_bits(num_experts());
 }
 
 int64_t HeteroKVCache::full_bytes_per_token() const {

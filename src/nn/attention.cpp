@@ -101,8 +101,9 @@ torch::Tensor MixSGAAttentionImpl::importance(const torch::Tensor& x, const torc
 std::tuple<torch::Tensor, torch::Tensor> MixSGAAttentionImpl::forward(const torch::Tensor& hidden_states,
                                                                       const std::optional<torch::Tensor>& attention_mask,
                                                                       const std::optional<torch::Tensor>& position_ids,
-                                                                      HeteroKVCache* cache, int64_t layer) {
-  auto result = forward_with_routing(hidden_states, attention_mask, position_ids, cache, layer);
+                                                                      HeteroKVCache* cache, int64_t layer,
+                                                                      const std::optional<RopeAngles>& rope) {
+  auto result = forward_with_routing(hidden_states, attention_mask, position_ids, cache, layer, rope);
   return {result.output, result.aux_loss};
 }
 
@@ -185,7 +186,7 @@ MixSGAAttentionImpl::Inputs MixSGAAttentionImpl::check_inputs(const torch::Tenso
     const auto long_opts = x.options().dtype(torch::kLong);
     in.positions = in.valid.has_value() ? (in.valid->to(torch::kLong).cumsum(1) - 1).clamp_min(0)
                                         : torch::arange(L, long_opts);
-    if (past_batch > 0) in.positions = in.positions + cache->seq_lengths(layer).to(x.device()).unsqueeze(1);
+    if (past_batch > 0) in.positions = in.positions + cache->next_positions(layer).to(x.device()).unsqueeze(1);
   }
   return in;
 }
@@ -193,9 +194,11 @@ MixSGAAttentionImpl::Inputs MixSGAAttentionImpl::check_inputs(const torch::Tenso
 MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tensor& x,
                                                               const std::optional<torch::Tensor>& attention_mask,
                                                               const std::optional<torch::Tensor>& position_ids,
-                                                              HeteroKVCache* cache, int64_t layer) {
+                                                              HeteroKVCache* cache, int64_t layer,
+                                                              const std::optional<RopeAngles>& rope) {
   const auto& o = options;
-  const auto in = check_inputs(x, attention_mask, position_ids, cache, layer);
+  auto in = check_inputs(x, attention_mask, position_ids, cache, layer);
+  in.rope = rope;
   const int64_t B = x.size(0), L = x.size(1);
   const auto zero = torch::zeros({}, x.options().dtype(x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat));
   if (B == 0 || L == 0) {
@@ -232,38 +235,74 @@ torch::Tensor MixSGAAttentionImpl::attend(const torch::Tensor& x, const torch::T
                                           HeteroKVCache* cache, int64_t layer, bool cache_was_empty) {
   const auto& o = options;
   const int64_t B = x.size(0), L = x.size(1), Hq = o.num_heads(), Hkv = o.num_kv_heads(), d = head_dim_;
+  const auto q = rotate(q_proj->forward(x).view({B, L, Hq, d}), in);
+  if (!cache_was_empty) return o_proj->forward(attend_cached(x, q, expert_idx, in, *cache, layer).reshape({B, L, Hq * d}));
+
   auto [k, v] = kv->forward(x, expert_idx);                      // [B, L, Hkv, d], pooled per token
   if (o.key_scale() != "none") k = k * key_scales().index({expert_idx}).view({B, L, 1, 1});  // E1; V never scaled
-  auto q = apply_rope(q_proj->forward(x).view({B, L, Hq, d}), in.positions, o.rope_theta());
-  k = apply_rope(k, in.positions, o.rope_theta());
-  if (cache != nullptr) cache->append(layer, k.detach(), v.detach(), expert_idx, in.valid, !cache_was_empty);
+  k = rotate(k, in);
+  // A prefill stores what it attends with (the group means of the expanded K/V are the compact heads).
+  if (cache != nullptr) cache->append(layer, k.detach(), v.detach(), expert_idx, in.valid, false, in.positions);
 
-  torch::Tensor attn;  // [B, L, Hq, d]
   // No dropout with a cache (inference), as in the Python layer.
   const double dropout = is_training() && cache == nullptr ? o.attention_dropout() : 0.0;
-  if (cache_was_empty) {
-    std::optional<torch::Tensor> attn_mask;
-    if (in.valid.has_value()) {
-      // Causal AND key-is-real; the diagonal stays open so a padded query never sees an all-masked row (NaN).
-      const auto causal = torch::ones({L, L}, x.options().dtype(torch::kBool)).tril();
-      const auto diagonal = torch::eye(L, x.options().dtype(torch::kBool));
-      attn_mask = (causal & (in.valid->view({B, 1, 1, L}) | diagonal)).contiguous();
-    }
-    attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, dropout,
-                                            /*is_causal=*/!attn_mask.has_value(), /*scale=*/std::nullopt,
-                                            /*enable_gqa=*/Hq != Hkv)
-               .transpose(1, 2);
-  } else if (L == 1) {
-    attn = ops::hetero_decode_attention(q.select(1, 0), cache->keys(layer), cache->values(layer), cache->lengths(layer), Hkv)
-               .unsqueeze(1);
-  } else {
-    // A chunk after cached tokens (chunked prefill, speculative verification): the compact pools,
-    // causal by the positions stored with them, never expanded to Hkv heads.
-    const auto query_pos = in.positions.dim() == 1 ? in.positions.unsqueeze(0).expand({B, L}) : in.positions;
-    attn = ops::hetero_cache_attention(q, query_pos, cache->keys(layer), cache->values(layer), cache->positions(layer),
-                                       cache->lengths(layer), Hkv);
+  std::optional<torch::Tensor> attn_mask;
+  if (in.valid.has_value()) {
+    // Causal AND key-is-real; the diagonal stays open so a padded query never sees an all-masked row (NaN).
+    const auto causal = torch::ones({L, L}, x.options().dtype(torch::kBool)).tril();
+    const auto diagonal = torch::eye(L, x.options().dtype(torch::kBool));
+    attn_mask = (causal & (in.valid->view({B, 1, 1, L}) | diagonal)).contiguous();
   }
+  const auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask,
+                                                     dropout, /*is_causal=*/!attn_mask.has_value(),
+                                                     /*scale=*/std::nullopt, /*enable_gqa=*/Hq != Hkv)
+                        .transpose(1, 2);
   return o_proj->forward(attn.reshape({B, L, Hq * d}));
+}
+
+torch::Tensor MixSGAAttentionImpl::rotate(const torch::Tensor& t, const Inputs& in) const {
+  if (!in.rope.has_value()) return apply_rope(t, in.positions, options.rope_theta());
+  const auto& [cos, sin] = *in.rope;
+  return apply_rope_cos_sin(t, cos, sin);
+}
+
+torch::Tensor MixSGAAttentionImpl::attend_cached(const torch::Tensor& x, const torch::Tensor& q,
+                                                 const torch::Tensor& expert_idx, const Inputs& in,
+                                                 HeteroKVCache& cache, int64_t layer) {
+  const auto& o = options;
+  const int64_t B = x.size(0), L = x.size(1), Hkv = o.num_kv_heads();
+  // Decode step or chunk after cached tokens: K/V projected, scaled and rotated at their compact size and
+  // stored as they are; attention reads the compact pools. Nothing is expanded to Hkv heads.
+  auto compact = kv->forward_compact(x.detach(), expert_idx, in.valid);
+  // Each compact token is rotated by its own angles: the positions (or the caller's cos / sin) of its row.
+  const auto flat = [&](const torch::Tensor& t) { return t.expand({B, L, t.size(-1)}).reshape({B * L, t.size(-1)}); };
+  const auto positions = (in.positions.dim() == 1 ? in.positions.unsqueeze(0).expand({B, L}) : in.positions).reshape({-1});
+  std::optional<RopeAngles> angles;
+  if (in.rope.has_value()) {
+    const auto& [cos, sin] = *in.rope;
+    angles = RopeAngles{flat(cos), flat(sin)};
+  }
+  const auto scales = key_scales();
+  for (size_t e = 0; e < compact.keys.size(); ++e) {
+    auto& k = compact.keys[e];
+    if (k.size(0) == 0) continue;
+    if (scales.defined()) k = k * scales[static_cast<int64_t>(e)].detach();  // E1; V never scaled
+    const auto& rows = compact.rows[e];
+    k = angles.has_value()
+            ? nn::rotate(k.unsqueeze(0), std::get<0>(*angles).index_select(0, rows).unsqueeze(0),
+                         std::get<1>(*angles).index_select(0, rows).unsqueeze(0))
+            : apply_rope(k.unsqueeze(0), positions.index_select(0, rows).unsqueeze(0), o.rope_theta());
+    k = k.squeeze(0);
+  }
+  cache.append_compact(layer, compact.keys, compact.values, expert_idx, in.valid, true, in.positions);
+  if (L == 1) {
+    return ops::hetero_decode_attention(q.select(1, 0), cache.keys(layer), cache.values(layer), cache.lengths(layer), Hkv)
+        .unsqueeze(1);
+  }
+  // A chunk (chunked prefill, speculative verification): causal by the positions stored with the pools.
+  const auto query_pos = in.positions.dim() == 1 ? in.positions.unsqueeze(0).expand({B, L}) : in.positions;
+  return ops::hetero_cache_attention(q, query_pos, cache.keys(layer), cache.values(layer), cache.positions(layer),
+                                     cache.lengths(layer), Hkv);
 }
 
 MixSGAAttentionImpl::RoutingAgreement MixSGAAttentionImpl::routing_agreement(

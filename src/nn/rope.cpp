@@ -29,10 +29,29 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double t
   const auto pos = (positions.dim() == 1 ? positions.unsqueeze(0) : positions).to(opts);
   const auto freqs = pos.unsqueeze(-1) * inv_freq;                  // [B|1, L, d/2]
   const auto emb = at::cat({freqs, freqs}, -1);                     // [B|1, L, d]
-  const auto cos = emb.cos().to(x.scalar_type()), sin = emb.sin().to(x.scalar_type());
-  // The fused one-pass kernel where there is one (CPU); the composite form is its reference.
-  if (x.device().is_cpu()) return ops::rope_rotate(x, cos, sin);
-  return rotate_half_reference(x, cos.unsqueeze(2), sin.unsqueeze(2));
+  return rotate(x, emb.cos(), emb.sin());
+}
+
+at::Tensor apply_rope_cos_sin(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  detail::check_floating(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(-1) % 2 == 0,
+                    fmt::format("x: expected shape [B, L, H, d] with even d, got {}", detail::shape_str(x.sizes())));
+  const int64_t B = x.size(0), L = x.size(1), d = x.size(3);
+  for (const auto& [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    TORCH_CHECK_VALUE(t->defined() && t->dim() == 3 && t->size(1) == L && t->size(2) == d && (t->size(0) == B || t->size(0) == 1),
+                      fmt::format("{}: expected shape [{}, {}, {}] or [1, {}, {}], got {}", name, B, L, d, L, d,
+                                  t->defined() ? detail::shape_str(t->sizes()) : "undefined"));
+    TORCH_CHECK_VALUE(t->device() == x.device(),
+                      fmt::format("{}: expected x's device {}, got {}", name, x.device().str(), t->device().str()));
+  }
+  return rotate(x, cos, sin);
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const auto c = cos.to(x.scalar_type()), s = sin.to(x.scalar_type());
+  // The fused one-pass kernel where there is one (CPU, angles without grad); the composite form is its reference.
+  if (x.device().is_cpu() && !c.requires_grad() && !s.requires_grad()) return ops::rope_rotate(x, c, s);
+  return rotate_half_reference(x, c.unsqueeze(2), s.unsqueeze(2));
 }
 
 at::Tensor rotate_half_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {

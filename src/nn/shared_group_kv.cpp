@@ -53,6 +53,56 @@ std::tuple<torch::Tensor, torch::Tensor> SharedGroupKVImpl::forward(const torch:
   return {k, v};
 }
 
+const std::vector<std::pair<torch::Tensor, torch::Tensor>>& SharedGroupKVImpl::pooled_kv_weights() {
+  std::vector<torch::Tensor> params{k_proj->weight, v_proj->weight};
+  if (k_proj->bias.defined()) params.insert(params.end(), {k_proj->bias, v_proj->bias});
+  std::vector<std::pair<const void*, uint32_t>> key;
+  for (const auto& p : params) key.emplace_back(p.const_data_ptr(), p._version());
+  const bool keep = !torch::GradMode::is_enabled();
+  if (keep && key == pooled_.key) return pooled_.experts;
+  // [W_k; W_v] pooled in one go: groups never straddle K and V, since every group size divides Hkv.
+  const auto weight = torch::cat({params[0], params[1]}, 0);
+  const auto bias = params.size() == 4 ? torch::cat({params[2], params[3]}, 0) : torch::Tensor();
+  pooled_.experts.clear();
+  for (const int64_t g : options.group_sizes()) {
+    pooled_.experts.emplace_back(ops::pool_kv_weight(weight, g, options.head_dim()).contiguous(),
+                                 bias.defined() ? ops::pool_kv_weight(bias, g, options.head_dim()) : torch::Tensor());
+  }
+  pooled_.key = keep ? std::move(key) : decltype(key){};  // with autograd, never reused
+  return pooled_.experts;
+}
+
+CompactKV SharedGroupKVImpl::forward_compact(const torch::Tensor& x, const torch::Tensor& expert_idx,
+                                             const std::optional<torch::Tensor>& valid) {
+  detail::check_floating(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(2) == options.hidden_size(),
+                    fmt::format("x: expected shape [B, L, {}] (hidden_size), got {}", options.hidden_size(),
+                                detail::shape_str(x.sizes())));
+  const int64_t E = static_cast<int64_t>(options.group_sizes().size()), H = options.num_kv_heads(), d = options.head_dim();
+  detail::check_expert_idx(expert_idx, x.sizes().slice(0, 2), E, x.device());
+  // Padding goes to an extra bucket E that is never projected; the stable permutation keeps each
+  // expert's tokens in batch-major order, the order append_compact expects.
+  auto idx = expert_idx.reshape({-1}).to(torch::kLong);
+  if (valid.has_value() && valid->defined()) idx = idx.masked_fill(valid->reshape({-1}).logical_not(), E);
+  const auto [perm, offsets] = ops::expert_permutation(idx, E + 1);
+  const auto off = offsets.cpu();
+  const int64_t* op = off.const_data_ptr<int64_t>();
+  const auto flat = x.reshape({-1, options.hidden_size()});
+  const auto& pooled = pooled_kv_weights();
+  CompactKV out;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t g = options.group_sizes()[e], n = op[e + 1] - op[e];
+    auto rows = perm.narrow(0, op[e], n);
+    const auto& [w, b] = pooled[e];
+    const auto kv = torch::linear(flat.index_select(0, rows), w, b).view({n, 2 * H / g, d});
+    const auto parts = kv.split(H / g, 1);
+    out.keys.push_back(parts[0]);
+    out.values.push_back(parts[1]);
+    out.rows.push_back(std::move(rows));
+  }
+  return out;
+}
+
 std::tuple<torch::Tensor, torch::Tensor> SharedGroupKVImpl::expert_weights(int64_t expert, bool key) const {
   const auto& groups = options.group_sizes();
   TORCH_CHECK_INDEX(expert >= 0 && expert < static_cast<int64_t>(groups.size()),

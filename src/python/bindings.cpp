@@ -205,17 +205,28 @@ void bind_cache(py::module_& m) {
   py::class_<HeteroKVCache, std::shared_ptr<HeteroKVCache>>(
       m, "HeteroKVCache",
       "The compact inference KV cache (mixsga/cache.h): per layer, per expert pools [B, Hkv/g_e, T_e, d] holding\n"
-      "each token with only its expert's Hkv/g_e heads, plus its int32 position; padding is never stored.\n"
+      "each token with only its expert's Hkv/g_e heads; positions are kept as one start per sequence plus each\n"
+      "token's expert id in ceil(log2 E) bits; padding is never stored.\n"
       "Build it from a layer's cache_options(num_layers) and pass it as cache= to the attention layers.\n"
       "Memory: bytes_stored() / stored_bytes_per_token() (= bytes_per_token()) count what the tokens need;\n"
       "bytes_allocated() / allocated_bytes_per_token() add the growth slack and batch padding.")
       .def(py::init<HeteroKVCacheOptions>(), py::arg("options"))
       .def("append", &HeteroKVCache::append, py::arg("layer"), py::arg("keys"), py::arg("values"),
            py::arg("expert_idx"), py::arg("valid") = py::none(), py::arg("decode") = py::none(),
-           "Appends keys/values [B, L, Hkv, d] of one layer, stored compactly per token's expert.")
+           py::arg("positions") = py::none(),
+           "Appends keys/values [B, L, Hkv, d] of one layer, stored compactly per token's expert (group means).\n"
+           "positions: optional [B, L] or [L] integer; default: each sequence continues (next_positions()).")
+      .def("append_compact", &HeteroKVCache::append_compact, py::arg("layer"), py::arg("keys"), py::arg("values"),
+           py::arg("expert_idx"), py::arg("valid") = py::none(), py::arg("decode") = py::none(),
+           py::arg("positions") = py::none(),
+           "Appends tokens given at their compact size: keys[e] / values[e] are [N_e, Hkv/g_e, d], the valid\n"
+           "tokens of expert e in batch-major order; never expanded to Hkv heads. Other arguments as append().")
       .def("keys", &HeteroKVCache::keys, py::arg("layer"), "E views [B, Hkv/g_e, T_e, d] of the stored keys.")
       .def("values", &HeteroKVCache::values, py::arg("layer"), "E views [B, Hkv/g_e, T_e, d] of the stored values.")
-      .def("positions", &HeteroKVCache::positions, py::arg("layer"), "E tensors [B, T_e] int32 of positions.")
+      .def("positions", &HeteroKVCache::positions, py::arg("layer"),
+           "E tensors [B, T_e] int32: each stored slot's position (rebuilt from the index).")
+      .def("next_positions", &HeteroKVCache::next_positions, py::arg("layer") = 0,
+           "[B] int64 default position of each sequence's next token (last stored + 1, 0 when empty).")
       .def("lengths", &HeteroKVCache::lengths, py::arg("layer"), "[B, E] int64 tokens per sequence and expert.")
       .def("seq_lengths", &HeteroKVCache::seq_lengths, py::arg("layer") = 0, "[B] int64 tokens per sequence.")
       .def("max_seq_length", &HeteroKVCache::max_seq_length, py::arg("layer") = 0)
@@ -230,7 +241,10 @@ void bind_cache(py::module_& m) {
            "Bytes allocated for K/V pools and indexes (growth slack and batch padding included).")
       .def("bytes_used", &HeteroKVCache::bytes_used, "The same as bytes_allocated() (its older name).")
       .def("bytes_stored", &HeteroKVCache::bytes_stored,
-           "Bytes the stored tokens need: sum over tokens and layers of 2 * (Hkv/g_e) * d * elem_size + 4.")
+           "Bytes the stored tokens need: 2 * (Hkv/g_e) * d * elem_size per token and layer, plus the expert\n"
+           "ids (ceil(log2 E) bits per token and layer, rounded up to bytes per sequence and layer).")
+      .def("index_bits_per_token", &HeteroKVCache::index_bits_per_token,
+           "Index bits a token costs over all layers: num_layers * ceil(log2 E).")
       .def("stored_bytes_per_token", &HeteroKVCache::stored_bytes_per_token,
            "bytes_stored() / stored tokens (0 when empty): compare with full_bytes_per_token().")
       .def("allocated_bytes_per_token", &HeteroKVCache::allocated_bytes_per_token,
@@ -245,8 +259,11 @@ void bind_cache(py::module_& m) {
 
 void bind_attention(py::module_& m) {
   using nn::MixSGAAttentionImpl;
+  using Rope = std::optional<nn::RopeAngles>;
   auto forward = [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos,
-                    HeteroKVCache* cache, int64_t layer) { return a.forward(x, mask, pos, cache, layer); };
+                    HeteroKVCache* cache, int64_t layer, const Rope& rope) {
+    return a.forward(x, mask, pos, cache, layer, rope);
+  };
   auto cls = torch::python::bind_module<MixSGAAttentionImpl, /*force_enable=*/true>(m, "MixSGAAttention");
   add_state_dict(cls)
       .def(py::init([](int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, std::optional<int64_t> head_dim,
@@ -281,19 +298,22 @@ void bind_attention(py::module_& m) {
            "mixsga.nn.MixSGAAttention.")
       .def("forward", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
            py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer_idx") = 0,
+           py::arg("rope") = py::none(),
            "(output [B, L, D], aux_loss 0-dim) from hidden_states [B, L, D], an optional [B, L] 0/1 padding "
            "mask and optional [B, L] or [L] positions. With a HeteroKVCache: prefill on an empty cache, "
-           "argmax-routed decode (compact attention for L = 1) on a non-empty one; `layer_idx` indexes the cache.")
+           "argmax-routed decode (compact attention for L = 1) on a non-empty one; `layer_idx` indexes the cache. "
+           "rope: optional (cos, sin), each [B, L, d] or [1, L, d], instead of the layer's own RoPE.")
       .def("__call__", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
-           py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer_idx") = 0)
+           py::arg("position_ids") = py::none(), py::arg("cache") = nullptr, py::arg("layer_idx") = 0,
+           py::arg("rope") = py::none())
       .def(
           "forward_with_routing",
           [](MixSGAAttentionImpl& a, const torch::Tensor& x, const OptTensor& mask, const OptTensor& pos,
-             HeteroKVCache* cache, int64_t layer) {
-            return routing_tuple(a.forward_with_routing(x, mask, pos, cache, layer));
+             HeteroKVCache* cache, int64_t layer, const Rope& rope) {
+            return routing_tuple(a.forward_with_routing(x, mask, pos, cache, layer, rope));
           },
           py::arg("hidden_states"), py::arg("attention_mask") = py::none(), py::arg("position_ids") = py::none(),
-          py::arg("cache") = nullptr, py::arg("layer_idx") = 0,
+          py::arg("cache") = nullptr, py::arg("layer_idx") = 0, py::arg("rope") = py::none(),
           "(output [B, L, D], aux_loss, expert_idx [B, L] int64 (the expert each token's K/V used), "
           "target_idx [B, L] int64 (the expert-choice assignment, the aux loss target)).")
       .def("forward_routed", &MixSGAAttentionImpl::forward_routed, py::arg("hidden_states"), py::arg("expert_idx"),

@@ -36,6 +36,17 @@ std::pair<torch::Tensor, torch::Tensor> prefill_then_decode(MixSGAAttention& lay
   return {torch::cat(outs, 1), torch::cat(idx, 1)};
 }
 
+// The message of the c10::Error that f() throws, without the backtrace; "no error" if it throws none.
+template <typename F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "no error";
+}
+
 // Decode attention written out: expand every pool to Hq heads and run a plain softmax, in float64.
 torch::Tensor reference_decode(const torch::Tensor& q, const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v,
                                const torch::Tensor& lengths, int64_t Hkv) {
@@ -175,14 +186,6 @@ TEST(HeteroCacheAttention, CompositeMatchesTheCpuKernel) {
 
 TEST(HeteroCacheAttention, BadInputNamesTheArgumentAndTheValue) {
   const auto in = cache_attention_inputs(2, 3, 8, 4, 16, {1, 2, 4}, {7, 70, 3});
-  auto message_of = [](auto&& f) -> std::string {
-    try {
-      f();
-    } catch (const c10::Error& e) {
-      return e.what_without_backtrace();
-    }
-    return "no error";
-  };
   auto call = [&](const torch::Tensor& qpos, const std::vector<torch::Tensor>& pos, const torch::Tensor& lengths,
                   int64_t Hkv) {
     return message_of([&] { mixsga::ops::hetero_cache_attention(in.q, qpos, in.k, in.v, pos, lengths, Hkv); });
@@ -399,22 +402,24 @@ TEST(HeteroKVCache, MemoryIdentity) {
     const auto counts = cache.token_counts(l);
     ASSERT_EQ(counts.sum().item<int64_t>(), n);
     for (int64_t e = 0; e < 3; ++e) {
-      want += counts[e].item<double>() / n * (2 * (Hkv / std::vector<int64_t>{1, 2, 4}[e]) * d * 2 + 4);
+      want += counts[e].item<double>() / n * (2 * (Hkv / std::vector<int64_t>{1, 2, 4}[e]) * d * 2);
     }
+    want += static_cast<double>((2 * n + 7) / 8) / n;  // the index: 2 bits of expert id per token, in whole bytes
   }
   EXPECT_NEAR(static_cast<double>(cache.bytes_stored()) / n, want, 1e-9);
   // Allocated: at most the documented growth slack above the stored bytes (factor 1.5 + 16 slots per pool).
   EXPECT_GE(cache.bytes_used(), cache.bytes_stored());
-  EXPECT_LE(cache.allocated_bytes_per_token(), 1.5 * want + 16.0 * layers * 3 * (2 * Hkv * d * 2 + 4) / n);
+  EXPECT_LE(cache.allocated_bytes_per_token(), 1.5 * want + 16.0 * layers * 3 * (2 * Hkv * d * 2 + 1) / n + 0.5);
   // Two names for two quantities; bytes_per_token() is the stored one.
   EXPECT_DOUBLE_EQ(cache.stored_bytes_per_token(), static_cast<double>(cache.bytes_stored()) / n);
   EXPECT_DOUBLE_EQ(cache.allocated_bytes_per_token(), static_cast<double>(cache.bytes_allocated()) / n);
   EXPECT_DOUBLE_EQ(cache.bytes_per_token(), cache.stored_bytes_per_token());
   EXPECT_EQ(cache.bytes_used(), cache.bytes_allocated());
   EXPECT_GT(cache.allocated_bytes_per_token(), cache.stored_bytes_per_token());  // growth slack
-  // After shrink_to_fit (batch 1), allocated == stored + the [B, E] lengths table.
+  // After shrink_to_fit (batch 1), allocated == stored + the [B, E] lengths table + each sequence's index header.
   cache.shrink_to_fit();
-  EXPECT_EQ(cache.bytes_used(), cache.bytes_stored() + layers * 3 * 8);
+  EXPECT_EQ(cache.bytes_used(),
+            cache.bytes_stored() + layers * 3 * 8 + layers * static_cast<int64_t>(sizeof(mixsga::detail::ExpertStream)));
   // About half of an uncompressed cache at 3:1:6.
   EXPECT_NEAR(want / cache.full_bytes_per_token(), 0.5, 0.08);
 }
@@ -448,14 +453,6 @@ TEST(HeteroKVCache, MismatchMessagesSayWhatTheCacheWasBuiltFor) {
   auto o = layer->cache_options();
   o.dtype = torch::kFloat;
   HeteroKVCache cache(o);
-  auto message_of = [](auto&& f) -> std::string {
-    try {
-      f();
-    } catch (const c10::Error& e) {
-      return e.what_without_backtrace();
-    }
-    return "no error";
-  };
   const auto x = torch::randn({1, 4, 32}, torch::kDouble);
   const auto from_layer = message_of([&] { layer->forward(x, std::nullopt, std::nullopt, &cache, 0); });
   EXPECT_NE(from_layer.find("cache: built for dtype float32, but the layer's K/V (keys) are float64"), std::string::npos)
@@ -483,14 +480,6 @@ TEST(HeteroKVCache, BadInputIsRejectedAndTheCacheStaysUsable) {
   auto expect_unchanged = [&] {
     EXPECT_EQ(cache.bytes_used(), bytes);
     EXPECT_TRUE(torch::equal(cache.lengths(0), lengths));
-  };
-  auto message_of = [](auto&& f) -> std::string {
-    try {
-      f();
-    } catch (const c10::Error& e) {
-      return e.what_without_backtrace();
-    }
-    return "no error";
   };
   EXPECT_NE(message_of([&] { layer->forward(x.narrow(1, 0, 3), std::nullopt, std::nullopt, &cache, 0); }).find("max_tokens = 12"),
             std::string::npos);

@@ -232,9 +232,19 @@ void fuzz_cache(Inputs& in) {
       require(lengths.size(0) == cache.batch_size() && lengths.size(1) == E, "cache: lengths shape");
       require(at::equal(cache.token_counts(l), lengths.sum(0)), "cache: token_counts != lengths summed");
       const auto keys = cache.keys(l);
+      const auto positions = cache.positions(l);
+      const auto next = cache.next_positions(l);
       for (int64_t e = 0; e < E; ++e) {
         const int64_t longest = lengths.numel() ? lengths.select(1, e).max().item<int64_t>() : 0;
         require(keys[e].size(2) == longest, "cache: keys view length != longest sequence");
+        require(positions[e].size(1) == longest, "cache: positions length != longest sequence");
+        for (int64_t b = 0; b < cache.batch_size(); ++b) {
+          // Each pool's slots are in position order, before the sequence's next position.
+          const auto p = positions[e][b].narrow(0, 0, lengths[b][e].item<int64_t>()).to(at::kLong);
+          if (p.numel() == 0) continue;
+          require(p.max().item<int64_t>() < next[b].item<int64_t>(), "cache: a stored position >= next_positions");
+          if (p.numel() > 1) require((p.diff() > 0).all().item<bool>(), "cache: pool positions not increasing");
+        }
       }
     }
     require(cache.bytes_stored() <= cache.bytes_used(), "cache: bytes_stored > bytes_used");
@@ -256,7 +266,30 @@ void fuzz_cache(Inputs& in) {
                                     in.coin(0.95) ? E - 1 : E);
         std::optional<at::Tensor> valid;
         if (in.coin(0.4)) valid = in.indices(in.coin(0.9) ? std::vector<int64_t>{b, L} : in.shape(2), 0, 1);
-        checked([&] { cache.append(layer, k, v, idx, valid); return 0; });
+        // Positions: none (the default continues), ones that continue each sequence, or random ones.
+        std::optional<at::Tensor> positions;
+        if (in.coin(0.4)) {
+          positions = in.coin(0.6) && cache.batch_size() == b
+                          ? at::arange(L).unsqueeze(0) + cache.next_positions(layer).unsqueeze(1)
+                          : in.indices(in.coin(0.9) ? std::vector<int64_t>{b, L} : in.shape(2), -2, 9);
+        }
+        if (in.coin(0.7)) {
+          checked([&] { cache.append(layer, k, v, idx, valid, std::nullopt, positions); return 0; });
+        } else {
+          // The compact form: expert e's valid tokens as [N_e, Hkv/g_e, d] rows (N_e sometimes off by one).
+          std::vector<at::Tensor> keys, values;
+          const auto mine = valid.has_value() && valid->sizes().equals(idx.sizes()) ? valid->ne(0)
+                                                                                    : at::ones(idx.sizes(), at::kBool);
+          for (int64_t e = 0; e < E; ++e) {
+            int64_t n = idx.dim() == 2 ? (mine & idx.eq(e)).sum().item<int64_t>() : in.uniform(0, 3);
+            if (in.coin(0.05)) n = std::max<int64_t>(n + in.uniform(-1, 1), 0);
+            const std::vector<int64_t> shape{n, o.num_kv_heads / o.group_sizes[e], o.head_dim};
+            keys.push_back(in.tensor(shape, dt));
+            values.push_back(in.tensor(in.coin(0.97) ? shape : in.shape(3), dt));
+          }
+          if (in.coin(0.03)) keys.pop_back();
+          checked([&] { cache.append_compact(layer, keys, values, idx, valid, std::nullopt, positions); return 0; });
+        }
       } else if (op == 6) {
         const auto beams = in.indices({in.uniform(0, 4)}, in.coin(0.9) ? 0 : -1, std::max<int64_t>(cache.batch_size(), 1));
         checked([&] { cache.reorder(beams); return 0; });

@@ -266,7 +266,7 @@ def profiled_ops(fn):
 
 @torch.no_grad()
 @pytest.mark.parametrize("which", ["python", "cpp"])
-def test_chunk_continuation_uses_the_op_and_never_expands_the_pools(which):
+def test_decode_and_continuation_use_the_ops_and_never_expand_kv(which):
     py, cpp = python_and_cpp_layers()
     layer = py if which == "python" else cpp
     call = (lambda x, cache: layer(x, cache=cache)[0]) if which == "python" else (
@@ -277,9 +277,16 @@ def test_chunk_continuation_uses_the_op_and_never_expands_the_pools(which):
     chunk, names = profiled_ops(lambda: call(x[:, 8:14], cache))
     outs.append(chunk)
     assert "mixsga::hetero_cache_attention" in names, sorted(names)
-    assert "aten::repeat_interleave" not in names, "the continuation expanded the compact pools"
     assert "aten::scaled_dot_product_attention" not in names
-    outs += [call(x[:, 14:15], cache), call(x[:, 15:19], cache)]
+    step, step_names = profiled_ops(lambda: call(x[:, 14:15], cache))
+    assert "mixsga::hetero_decode_attention" in step_names, sorted(step_names)
+    for ops_seen in (names, step_names):
+        # Neither the pools nor the new tokens' K/V are expanded to Hkv heads: K/V are projected with
+        # each expert's pooled weights (expert_permutation + linear) and appended at the compact size.
+        assert "mixsga::expert_permutation" in ops_seen, sorted(ops_seen)
+        for expanding in ("aten::repeat_interleave", "mixsga::grouped_kv_proj", "mixsga::grouped_kv_pool"):
+            assert expanding not in ops_seen, f"{expanding} ran in a decode step or continuation"
+    outs += [step, call(x[:, 15:19], cache)]
     # Argmax prefill routing = the continuation's routing, so the full forward is the reference.
     torch.testing.assert_close(torch.cat(outs, 1), call(x, None), rtol=1e-10, atol=1e-12)
 

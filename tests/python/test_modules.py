@@ -296,23 +296,32 @@ def test_stacked_kv_weight_is_reused_without_autograd_and_follows_weight_updates
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_single_token_kv_equals_grouped_kv_for_every_expert_and_follows_weight_updates(bias):
-    from mixsga.nn.shared_group_kv import clear_kv_weight_cache, grouped_kv, single_token_kv
+def test_compact_kv_is_the_group_means_of_grouped_kv_and_follows_weight_updates(bias):
+    from mixsga.nn.shared_group_kv import clear_kv_weight_cache, compact_kv, grouped_kv
 
     torch.manual_seed(0)
     k_proj = torch.nn.Linear(16, 32, bias=bias, dtype=torch.float64)
     v_proj = torch.nn.Linear(16, 32, bias=bias, dtype=torch.float64)
-    x = torch.randn(1, 1, 16, dtype=torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    idx = torch.tensor([[0, 2, 1, 2, 0], [2, 2, 1, 0, 1]])
+    valid = torch.tensor([[True, True, True, True, True], [False, True, True, True, False]])
+
+    def check():
+        got = compact_kv(x, k_proj, v_proj, idx, valid, (1, 2, 4), 8)
+        k_ref, v_ref = grouped_kv(x, k_proj, v_proj, idx, (1, 2, 4), 8)
+        for e, g in enumerate((1, 2, 4)):
+            mine = (idx == e) & valid
+            assert got.rows[e].tolist() == mine.reshape(-1).nonzero().squeeze(1).tolist()  # batch-major order
+            for ref, out in ((k_ref, got.keys[e]), (v_ref, got.values[e])):
+                # The expanded K/V repeat each compact head g times: its first copies are the compact heads.
+                expected = ref[mine].view(-1, 4 // g, g, 8)[:, :, 0]
+                torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
     with torch.no_grad():
-        for step in range(2):
-            for e in range(3):
-                idx = torch.full((1, 1), e)
-                k, v = single_token_kv(x, k_proj, v_proj, idx, (1, 2, 4), 8)
-                k_ref, v_ref = grouped_kv(x, k_proj, v_proj, idx, (1, 2, 4), 8)
-                torch.testing.assert_close(k, k_ref, rtol=1e-12, atol=1e-12)
-                torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
+        for _ in range(2):
+            check()
             v_proj.weight.add_(1.0)  # an in-place update: the pooled weights must follow it
         v_proj.weight.data.mul_(3.0)  # bypasses the version counter: needs the explicit clear
         clear_kv_weight_cache(v_proj)
-        k, v = single_token_kv(x, k_proj, v_proj, torch.full((1, 1), 1), (1, 2, 4), 8)
-        torch.testing.assert_close(v, grouped_kv(x, k_proj, v_proj, torch.full((1, 1), 1), (1, 2, 4), 8)[1])
+        check()
+    check()  # with autograd: fresh pooled weights

@@ -187,11 +187,13 @@ def test_cpp_compact_cache_decode_equals_python_full_forward():
     real = mask.bool()
     torch.testing.assert_close(torch.cat(outs, 1)[real], full[real])
 
-    # The memory identity: every stored token costs 2 * (Hkv/g_e) * d * elem_size bytes + 4 index bytes.
+    # The memory identity: every stored token costs 2 * (Hkv/g_e) * d * elem_size bytes, plus its expert id
+    # in 2 bits (3 experts), rounded up to whole bytes per sequence.
     counts = cache.token_counts(0)
     assert int(counts.sum()) == int(mask.sum())  # padding is never stored
-    per_token = [2 * (4 // g) * 8 * 8 + 4 for g in (1, 2, 4)]
-    assert cache.bytes_stored() == sum(int(n) * b for n, b in zip(counts, per_token))
+    per_token = [2 * (4 // g) * 8 * 8 for g in (1, 2, 4)]
+    index = sum((2 * n + 7) // 8 for n in cache.seq_lengths(0).tolist())
+    assert cache.bytes_stored() == sum(int(n) * b for n, b in zip(counts, per_token)) + index
     assert cache.full_bytes_per_token() == 2 * 4 * 8 * 8
     torch.testing.assert_close(cache.decode_ratios().sum(), torch.tensor(1.0, dtype=torch.float64))
     with pytest.raises(IndexError, match="layer: must be in \\[0, 1\\)"):
@@ -246,3 +248,35 @@ def test_drift_cache_keyword_and_no_dropout_with_a_cache():
             module(x[:, :5], cache=cache, layer_idx=1)
             outs.append(module(x[:, 5:], cache=cache, layer_idx=1)[0])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[6]], ids=["paper", "extensions"])
+def test_rope_override_and_explicit_positions_match_through_prefill_chunk_and_decode(config):
+    """A caller's (cos, sin) (the Hugging Face path) and explicit position_ids, in both layers: the same
+    outputs at prefill, a chunk and a decode step, the same compact pools and stored positions."""
+    torch.manual_seed(4)
+    py, cpp = twins(torch.float64, **config)
+    py.eval()
+    cpp.eval()
+    x = torch.randn(2, 12, config["hidden_size"], dtype=torch.float64)
+    positions = torch.arange(40, 52).expand(2, 12)
+    # Angles that plain RoPE at rope_theta would not give (a linear-scaled variant, factor 4).
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, py.head_dim, 2, dtype=torch.float64) / py.head_dim)) / 4.0
+    emb = torch.cat([positions[..., None] * inv_freq] * 2, -1)
+    cos, sin = emb.cos(), emb.sin()
+    caches = {name: mixsga.HeteroKVCache(py.cache_options()) for name in ("py", "cpp")}
+    outs = {"py": [], "cpp": []}
+    for lo, hi in ((0, 7), (7, 11), (11, 12)):  # prefill, chunk, decode step
+        args = (x[:, lo:hi], None, positions[:, lo:hi])
+        rope = (cos[:, lo:hi], sin[:, lo:hi])
+        outs["py"].append(py(*args, cache=caches["py"], layer_idx=0, rope=rope)[0])
+        outs["cpp"].append(cpp(*args, cache=caches["cpp"], layer_idx=0, rope=rope)[0])
+    torch.testing.assert_close(torch.cat(outs["cpp"], 1), torch.cat(outs["py"], 1), rtol=1e-10, atol=1e-12)
+    for a, b in zip(caches["cpp"].keys(0) + caches["cpp"].values(0), caches["py"].keys(0) + caches["py"].values(0)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(caches["cpp"].positions(0), caches["py"].positions(0)))
+    assert caches["py"].next_positions(0).tolist() == [52, 52]
+    # The override is used: plain RoPE gives other outputs.
+    plain = py(x[:, :7], None, positions[:, :7])[0]
+    assert not torch.allclose(plain, outs["py"][0], atol=1e-6)

@@ -62,6 +62,10 @@ struct MixSGAAttentionOptions {
   TORCH_ARG(std::string, routing_signal) = "router";
 };
 
+/// (cos, sin), each [B, L, d] or [1, L, d]: rotary angles computed by the caller, for models whose RoPE
+/// variant (scaled, YaRN, ...) makes its own (Hugging Face passes them as position_embeddings).
+using RopeAngles = std::tuple<torch::Tensor, torch::Tensor>;
+
 /// Everything a forward pass decided, for users who need more than (output, aux_loss).
 struct MixSGAForwardResult {
   torch::Tensor output;      ///< [B, L, D]
@@ -90,25 +94,32 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
   ///                       meaningless.
   /// @param position_ids   optional [B, L] or [L] positions; default arange(L), or cumsum(mask) - 1 when a
   ///                       mask is given (so left padding keeps positions starting at 0), offset by the
-  ///                       tokens already in the cache.
+  ///                       cache's next_positions(layer). The cache stores them: a sequence's valid
+  ///                       tokens must continue its stored positions one by one.
   /// @param cache          optional KV cache (inference). On an empty cache the call is a prefill: tokens
   ///                       are routed by `prefill_routing`, stored compactly, and attend as without a
   ///                       cache. On a non-empty cache tokens are routed by argmax (causal); a single
   ///                       token (L = 1) attends through hetero_decode_attention over the compact
-  ///                       pools, a longer chunk through hetero_cache_attention over the compact pools
-  ///                       (never expanded).
+  ///                       pools, a longer chunk through hetero_cache_attention over the compact pools;
+  ///                       their K/V are projected at the compact size and stored with append_compact,
+  ///                       never expanded to Hkv heads.
   /// @param layer          this layer's index in the cache.
+  /// @param rope           optional (cos, sin) to rotate q and k with instead of the layer's own plain
+  ///                       RoPE (rope_theta); position_ids / the defaults still give the positions the
+  ///                       cache stores.
   /// @return (output [B, L, D], aux_loss 0-dim = aux_alpha * L_aux; 0 for calls on a non-empty cache).
   std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& hidden_states,
                                                    const std::optional<torch::Tensor>& attention_mask = std::nullopt,
                                                    const std::optional<torch::Tensor>& position_ids = std::nullopt,
-                                                   HeteroKVCache* cache = nullptr, int64_t layer = 0);
+                                                   HeteroKVCache* cache = nullptr, int64_t layer = 0,
+                                                   const std::optional<RopeAngles>& rope = std::nullopt);
 
   /// forward() plus the routing decisions.
   MixSGAForwardResult forward_with_routing(const torch::Tensor& hidden_states,
                                            const std::optional<torch::Tensor>& attention_mask = std::nullopt,
                                            const std::optional<torch::Tensor>& position_ids = std::nullopt,
-                                           HeteroKVCache* cache = nullptr, int64_t layer = 0);
+                                           HeteroKVCache* cache = nullptr, int64_t layer = 0,
+                                           const std::optional<RopeAngles>& rope = std::nullopt);
 
   /// The layer with routing given instead of computed (teacher-forced routing, analysis, tests):
   /// expert_idx [B, L] integer. No cache. Returns the output [B, L, D].
@@ -151,12 +162,18 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
   struct Inputs {
     std::optional<torch::Tensor> valid;  // [B, L] bool
     torch::Tensor positions;             // [B, L] or [L] int64
+    std::optional<RopeAngles> rope;      // the caller's (cos, sin), if any
   };
+  // q or k [B, L, H, d] rotated by the caller's angles or the layer's own RoPE at in.positions.
+  torch::Tensor rotate(const torch::Tensor& t, const Inputs& in) const;
   Inputs check_inputs(const torch::Tensor& x, const std::optional<torch::Tensor>& attention_mask,
                       const std::optional<torch::Tensor>& position_ids, const HeteroKVCache* cache, int64_t layer) const;
   torch::Tensor importance(const torch::Tensor& x, const torch::Tensor& scores);
   torch::Tensor attend(const torch::Tensor& x, const torch::Tensor& expert_idx, const Inputs& in, HeteroKVCache* cache,
                        int64_t layer, bool cache_was_empty);
+  // attend() on a non-empty cache: q [B, L, Hq, d] after RoPE -> attention output [B, L, Hq, d].
+  torch::Tensor attend_cached(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& expert_idx,
+                              const Inputs& in, HeteroKVCache& cache, int64_t layer);
 
   int64_t head_dim_ = 0;
 
@@ -165,7 +182,8 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(std::optional<torch::Tensor>())},
                            {2, torch::nn::AnyValue(std::optional<torch::Tensor>())},
                            {3, torch::nn::AnyValue(static_cast<HeteroKVCache*>(nullptr))},
-                           {4, torch::nn::AnyValue(int64_t{0})})
+                           {4, torch::nn::AnyValue(int64_t{0})},
+                           {5, torch::nn::AnyValue(std::optional<RopeAngles>())})
 };
 TORCH_MODULE(MixSGAAttention);
 

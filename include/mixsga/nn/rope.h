@@ -14,6 +14,17 @@ namespace mixsga::nn {
 /// @return [B, L, H, d] in x's dtype.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta = 10000.0);
 
+/// Rotates x by angles the caller computed (a model whose RoPE variant, scaled or YaRN, makes its own
+/// cos / sin; Hugging Face passes them as position_embeddings). Same convention as apply_rope.
+/// @param x        [B, L, H, d] (d even).
+/// @param cos, sin [B, L, d] or [1, L, d] (the same for every head), on x's device; cast to x's dtype.
+/// @return [B, L, H, d] in x's dtype.
+at::Tensor apply_rope_cos_sin(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+/// apply_rope_cos_sin without the checks: the fused mixsga::ops::rope_rotate on CPU, the composite
+/// rotate_half_reference elsewhere (or when the angles require grad).
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
 /// x * cos + rotate_half(x) * sin in plain ATen ops: what the fused mixsga::ops::rope_rotate computes
 /// (apply_rope uses it off CPU; tests use it as the reference).
 /// @param x        [B, L, H, d] (d even).

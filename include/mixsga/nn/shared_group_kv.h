@@ -8,7 +8,9 @@
 #include <torch/serialize/archive.h>
 #include <torch/types.h>
 
+#include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace mixsga::nn {
@@ -27,6 +29,13 @@ struct SharedGroupKVOptions {
   TORCH_ARG(std::vector<int64_t>, group_sizes) = std::vector<int64_t>{1, 2, 4};
   /// Whether k_proj / v_proj have biases. Default false.
   TORCH_ARG(bool, bias) = false;
+};
+
+/// The K/V of the valid tokens at their compact size (SharedGroupKV::forward_compact).
+struct CompactKV {
+  std::vector<torch::Tensor> keys;    ///< E tensors [N_e, Hkv/g_e, d]
+  std::vector<torch::Tensor> values;  ///< E tensors [N_e, Hkv/g_e, d]
+  std::vector<torch::Tensor> rows;    ///< E int64 tensors [N_e]: flat token index b * L + t, batch-major
 };
 
 /// k_proj, v_proj: Linear(D, Hkv * d). forward gives each token's K and V under its own expert.
@@ -49,6 +58,16 @@ class SharedGroupKVImpl : public torch::nn::Cloneable<SharedGroupKVImpl> {
   ///         projected together; call .contiguous() if you need dense storage.
   std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x, const torch::Tensor& expert_idx);
 
+  /// Each valid token's K and V at its expert's compact size, never expanded to Hkv heads: what the
+  /// compact cache stores (HeteroKVCache::append_compact), for decode steps and chunks. Expert e projects
+  /// its tokens with its pooled [W_k; W_v], so it reads (1/g_e) of the weights. Without autograd the pooled
+  /// weights are kept between calls while the parameters are unchanged (same storage and version).
+  /// @param x          [B, L, D].
+  /// @param expert_idx [B, L] integer expert per token.
+  /// @param valid      optional [B, L] bool mask: padding tokens are skipped.
+  CompactKV forward_compact(const torch::Tensor& x, const torch::Tensor& expert_idx,
+                            const std::optional<torch::Tensor>& valid = std::nullopt);
+
   /// The pooled weight and bias (bias undefined when bias=false) of expert e for K (`key=true`) or V:
   /// [(Hkv/g_e) * d, D] and [(Hkv/g_e) * d]. What the compact cache projects with.
   std::tuple<torch::Tensor, torch::Tensor> expert_weights(int64_t expert, bool key) const;
@@ -56,6 +75,16 @@ class SharedGroupKVImpl : public torch::nn::Cloneable<SharedGroupKVImpl> {
   SharedGroupKVOptions options;
   torch::nn::Linear k_proj{nullptr};
   torch::nn::Linear v_proj{nullptr};
+
+ private:
+  // Pooled [W_k; W_v] (and biases) per expert, for forward_compact without autograd; `key` is the
+  // storage and version of every parameter they were pooled from.
+  struct PooledWeights {
+    std::vector<std::pair<const void*, uint32_t>> key;
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> experts;
+  };
+  const std::vector<std::pair<torch::Tensor, torch::Tensor>>& pooled_kv_weights();
+  PooledWeights pooled_;
 };
 TORCH_MODULE(SharedGroupKV);
 

@@ -89,7 +89,8 @@ class MixSGACache(Cache):
     Memory, two quantities with two names (the same names as on ``HeteroKVCache``):
 
     * *stored*: ``bytes_stored()`` is the compact size, sum over stored tokens and layers of
-      ``2 * (Hkv / g_e) * d * elem_size + 4`` (K, V and the token's int32 position);
+      ``2 * (Hkv / g_e) * d * elem_size`` (K and V), plus each token's expert id in ceil(log2 E) bits
+      (the index positions are rebuilt from; whole bytes per sequence and layer);
       ``stored_bytes_per_token()`` divides it by the tokens stored per layer. ``bytes_per_token()`` is
       the same figure. Compare it with ``full_bytes_per_token()``, what an uncompressed cache of the
       same model needs (``2 * Hkv * d * elem_size`` per layer).
@@ -174,7 +175,8 @@ class MixSGACache(Cache):
 
     # --- memory ---------------------------------------------------------------------------------------------
     def bytes_stored(self) -> int:
-        """Compact size of the stored tokens: sum over tokens and layers of 2 * (Hkv/g_e) * d * elem + 4."""
+        """Compact size of the stored tokens: 2 * (Hkv/g_e) * d * elem per token and layer, plus each token's
+        expert id (ceil(log2 E) bits per layer, rounded up to bytes per sequence and layer)."""
         return 0 if self.hetero is None else int(self.hetero.bytes_stored())
 
     def bytes_allocated(self) -> int:

@@ -100,33 +100,22 @@ class _MixSGAConfigMixin:
         return d
 
 
-# One class per family mixsga.hf.convert supports (SUPPORTED_MODEL_TYPES); module-level, so configs pickle.
-class MixSGALlamaConfig(_MixSGAConfigMixin, LlamaConfig):
-    """The config of a Llama model converted to mixSGA."""
-
-    model_type = "mixsga_llama"
-    mixsga_base_model_type = "llama"
-
-
-class MixSGAMistralConfig(_MixSGAConfigMixin, MistralConfig):
-    """The config of a Mistral model converted to mixSGA."""
-
-    model_type = "mixsga_mistral"
-    mixsga_base_model_type = "mistral"
+def _converted_config_class(family_config: type, family: str) -> type:
+    """MixSGA<Family>Config: ``family_config`` plus the mixin, with model_type "mixsga_<family>". Its name
+    is the module-level name it is bound to below, so configs pickle."""
+    return type(f"MixSGA{family_config.__name__}", (_MixSGAConfigMixin, family_config), {
+        "__module__": __name__,
+        "__doc__": f"The config of a {family_config.__name__[:-len('Config')]} model converted to mixSGA.",
+        "model_type": f"mixsga_{family}",
+        "mixsga_base_model_type": family,
+    })
 
 
-class MixSGAQwen2Config(_MixSGAConfigMixin, Qwen2Config):
-    """The config of a Qwen2 model converted to mixSGA."""
-
-    model_type = "mixsga_qwen2"
-    mixsga_base_model_type = "qwen2"
-
-
-class MixSGAOPTConfig(_MixSGAConfigMixin, OPTConfig):
-    """The config of an OPT model converted to mixSGA."""
-
-    model_type = "mixsga_opt"
-    mixsga_base_model_type = "opt"
+# One class per family mixsga.hf.convert supports (SUPPORTED_MODEL_TYPES).
+MixSGALlamaConfig = _converted_config_class(LlamaConfig, "llama")
+MixSGAMistralConfig = _converted_config_class(MistralConfig, "mistral")
+MixSGAQwen2Config = _converted_config_class(Qwen2Config, "qwen2")
+MixSGAOPTConfig = _converted_config_class(OPTConfig, "opt")
 
 
 #: Family model_type -> the config class of its converted models.

@@ -25,7 +25,7 @@ from .._checks import (
 from .._kv_fraction import kv_fraction
 from .functional import apply_rope_cos_sin, default_positions, padding_attention_mask, rope_angles
 from .router import ExpertChoiceRouter
-from .shared_group_kv import grouped_kv, pooling_error, single_token_kv
+from .shared_group_kv import compact_kv, grouped_kv, pooling_error
 
 
 class MixSGAOutput(NamedTuple):
@@ -391,7 +391,7 @@ class MixSGAAttention(nn.Module):
         else:
             positions = default_positions(valid, L, x.device)
             if past_batch > 0:
-                positions = positions + cache.seq_lengths(layer_idx).to(x.device).unsqueeze(1)
+                positions = positions + cache.next_positions(layer_idx).to(x.device).unsqueeze(1)
         return valid, positions
 
     def _attend(
@@ -407,48 +407,66 @@ class MixSGAAttention(nn.Module):
     ) -> torch.Tensor:
         B, L = x.shape[0], x.shape[1]
         Hq, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        groups = list(self.group_sizes)
-        # Each token's K/V under its own expert (pooled weights), repeated back to Hkv heads.
-        if B == 1 and L == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            k, v = single_token_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)  # decode, one sequence
-        else:
-            k, v = grouped_kv(x, self.k_proj, self.v_proj, expert_idx, groups, d)
-        scales = self.key_scales()
-        if scales is not None:  # extension E1: calibrated pooled keys (values are never scaled)
-            k = k * scales[expert_idx].view(B, L, 1, 1)
         q = self.q_proj(x).view(B, L, Hq, d)
         if rope is None:  # the layer's own plain RoPE; angles computed once for q and k
             rope = rope_angles(positions, d, self.rope_theta, x.dtype, x.device)
-        q, k = apply_rope_cos_sin(q, *rope), apply_rope_cos_sin(k, *rope)
-        if cache is not None:
-            cache.append(layer_idx, k.detach(), v.detach(), expert_idx, valid, not cache_was_empty)
-            if not cache_was_empty:
-                return self.o_proj(self._attend_cached(q, positions, cache, layer_idx).reshape(B, L, Hq * d))
+        q = apply_rope_cos_sin(q, *rope)
+        if not cache_was_empty:
+            attn = self._attend_cached(x, q, expert_idx, valid, positions, rope, cache, layer_idx)
+            return self.o_proj(attn.reshape(B, L, Hq * d))
+        # Each token's K/V under its own expert (pooled weights), repeated back to Hkv heads.
+        k, v = grouped_kv(x, self.k_proj, self.v_proj, expert_idx, list(self.group_sizes), d)
+        scales = self.key_scales()
+        if scales is not None:  # extension E1: calibrated pooled keys (values are never scaled)
+            k = k * scales[expert_idx].view(B, L, 1, 1)
+        k = apply_rope_cos_sin(k, *rope)
+        if cache is not None:  # a prefill stores what it attends with (the group means are the compact heads)
+            cache.append(layer_idx, k.detach(), v.detach(), expert_idx, valid, False, positions)
         mask = None if valid is None else padding_attention_mask(valid)
         attn = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
             attn_mask=mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
+            dropout_p=self.attention_dropout if self.training and cache is None else 0.0,
             is_causal=mask is None,
             enable_gqa=Hq != Hkv,
         ).transpose(1, 2)
         return self.o_proj(attn.reshape(B, L, Hq * d))
 
-    def _attend_cached(self, q: torch.Tensor, positions: torch.Tensor, cache, layer_idx: int) -> torch.Tensor:
-        """Attention of new queries q [B, L, Hq, d] over everything in the cache (which already holds
-        them) -> [B, L, Hq, d]."""
-        B, L = q.shape[0], q.shape[1]
-        keys, values = cache.keys(layer_idx), cache.values(layer_idx)
-        lengths = cache.lengths(layer_idx)
+    def _attend_cached(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        expert_idx: torch.Tensor,
+        valid: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        """A decode step or a chunk after cached tokens: K/V projected, scaled and rotated at their compact
+        size and stored as they are (``append_compact``), then the new queries q [B, L, Hq, d] (after RoPE)
+        attend over the compact pools -> [B, L, Hq, d]. Nothing is expanded to Hkv heads."""
+        B, L, d = q.shape[0], q.shape[1], self.head_dim
+        compact = compact_kv(x.detach(), self.k_proj, self.v_proj, expert_idx, valid, self.group_sizes, d)
+        scales = self.key_scales()
+        cos, sin = (t.expand(B, L, d).reshape(B * L, d) for t in rope)
+        keys = []
+        for e, (k, rows) in enumerate(zip(compact.keys, compact.rows)):
+            if k.shape[0] > 0:
+                if scales is not None:  # extension E1 (values are never scaled)
+                    k = k * scales[e].detach()
+                k = apply_rope_cos_sin(k[None], cos[rows][None], sin[rows][None])[0]
+            keys.append(k)
+        cache.append_compact(layer_idx, keys, compact.values, expert_idx, valid, True, positions)
+        pools_k, pools_v, lengths = cache.keys(layer_idx), cache.values(layer_idx), cache.lengths(layer_idx)
         if L == 1:
-            return torch.ops.mixsga.hetero_decode_attention(q[:, 0], keys, values, lengths, self.num_kv_heads, None)[
+            return torch.ops.mixsga.hetero_decode_attention(q[:, 0], pools_k, pools_v, lengths, self.num_kv_heads, None)[
                 :, None
             ]
-        # A chunk after cached tokens (chunked prefill, speculative verification): the compact pools,
-        # causal by the positions stored with them, never expanded to Hkv heads.
+        # A chunk (chunked prefill, speculative verification): causal by the positions stored with the pools.
         query_pos = positions.expand(B, L) if positions.dim() == 1 else positions
         return torch.ops.mixsga.hetero_cache_attention(
-            q, query_pos, keys, values, cache.positions(layer_idx), lengths, self.num_kv_heads, None
+            q, query_pos, pools_k, pools_v, cache.positions(layer_idx), lengths, self.num_kv_heads, None
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -132,35 +133,63 @@ def clear_kv_weight_cache(v_proj: nn.Linear) -> None:
     v_proj.__dict__.pop("_mixsga_kv_pooled", None)
 
 
-def single_token_kv(
+class CompactKV(NamedTuple):
+    """The K/V of the valid tokens at their compact size (``compact_kv``), one entry per expert."""
+
+    keys: list[torch.Tensor]  #: E tensors [N_e, Hkv/g_e, d]
+    values: list[torch.Tensor]  #: E tensors [N_e, Hkv/g_e, d]
+    rows: list[torch.Tensor]  #: E int64 tensors [N_e]: flat token index b * L + t, batch-major
+
+
+def compact_kv(
     x: torch.Tensor,
     k_proj: nn.Linear,
     v_proj: nn.Linear,
     expert_idx: torch.Tensor,
+    valid: torch.Tensor | None,
     group_sizes: Sequence[int],
     head_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grouped_kv for one token (x [1, 1, D], expert_idx [1, 1]) without autograd: the decode step of a
-    single sequence. It projects with the token's own expert's pooled [W_k; W_v] (kept between calls
-    like stacked_kv_weight), so it reads (Hkv/g)/Hkv of the weights, where grouped_kv reads all of them
-    (projects, then pools). Same result up to rounding; returns (K, V), each [1, 1, Hkv, d]."""
+) -> CompactKV:
+    """Each valid token's K and V at its expert's compact size, never expanded to Hkv heads: what the
+    compact cache stores (``HeteroKVCache.append_compact``), for decode steps and chunks. Expert e projects
+    its tokens with its pooled [W_k; W_v] (kept between calls without autograd, like stacked_kv_weight), so
+    it reads 1/g_e of the weights. The same as the C++ ``SharedGroupKV::forward_compact``.
+
+    Args:
+        x: [B, L, D]. expert_idx: [B, L] integer in [0, E). valid: optional [B, L] bool (padding is skipped).
+    Returns:
+        CompactKV(keys, values, rows): expert e's tokens in batch-major order, the order append_compact expects.
+    """
+    E, D = len(group_sizes), x.shape[-1]
     heads = k_proj.weight.shape[0] // head_dim
-    e = int(expert_idx.reshape(-1)[0])
-    weight, bias = _pooled_kv_weights(k_proj, v_proj, group_sizes, head_dim)[e]
-    g = group_sizes[e]
-    kv = F.linear(x, weight, bias).view(1, 1, 2 * heads // g, head_dim)
-    if g > 1:
-        kv = kv.repeat_interleave(g, dim=2)  # pooled heads back to Hkv (groups never straddle K and V)
-    k, v = kv.split(heads, dim=-2)
-    return k, v
+    idx = expert_idx.reshape(-1).long()
+    if valid is not None:  # padding goes to an extra bucket E that is never projected
+        idx = idx.masked_fill(~valid.reshape(-1), E)
+    perm, offsets = torch.ops.mixsga.expert_permutation(idx, E + 1)
+    bounds = offsets.tolist()
+    flat = x.reshape(-1, D)
+    pooled = _pooled_kv_weights(k_proj, v_proj, group_sizes, head_dim)
+    out = CompactKV([], [], [])
+    for e, g in enumerate(group_sizes):
+        rows = perm[bounds[e] : bounds[e + 1]]
+        weight, bias = pooled[e]
+        k, v = F.linear(flat.index_select(0, rows), weight, bias).view(-1, 2 * heads // g, head_dim).split(heads // g, 1)
+        out.keys.append(k)
+        out.values.append(v)
+        out.rows.append(rows)
+    return out
 
 
 def _pooled_kv_weights(
     k_proj: nn.Linear, v_proj: nn.Linear, group_sizes: Sequence[int], head_dim: int
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """[(pooled [W_k; W_v], pooled [b_k; b_v] or None) per expert], cached on v_proj under the same key
-    as stacked_kv_weight (storage, version counter) plus the group sizes."""
+    as stacked_kv_weight (storage, version counter) plus the group sizes; fresh (differentiable) with
+    autograd on."""
     weight, bias = stacked_kv_weight(k_proj, v_proj)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return [(pool_kv_weight(weight, g, head_dim), None if bias is None else pool_kv_weight(bias, g, head_dim))
+                for g in group_sizes]
     key = (v_proj.__dict__["_mixsga_kv_stack"][0], tuple(group_sizes), head_dim)
     cached = v_proj.__dict__.get("_mixsga_kv_pooled")
     if cached is None or cached[0] != key:

@@ -57,13 +57,15 @@ def test_generate_creates_a_mixsga_cache_and_reports_compact_memory():
     out = model.generate(ids, attention_mask=mask, do_sample=False, return_dict_in_generate=True, **GEN)
     cache = out.past_key_values
     assert isinstance(cache, mixsga.hf.MixSGACache)
-    # METHOD.md: sum_e count_e * 2 * (Hkv / g_e) * d * elem + index bytes (int32 position), per layer.
+    # docs/METHOD.md: sum_e count_e * 2 * (Hkv / g_e) * d * elem per layer, plus the index: each token's
+    # expert id in 2 bits (3 experts), whole bytes per sequence and layer.
     Hkv, d, elem, groups = 4, 8, 8, (1, 2, 4)
     want = 0
     for layer in range(2):
         counts = cache.token_counts(layer).tolist()
         assert sum(counts) == int(mask.sum()) + 3 * 8 - 3  # real tokens only, the last token not fed back
-        want += sum(c * (2 * (Hkv // g) * d * elem + 4) for c, g in zip(counts, groups))
+        want += sum(c * 2 * (Hkv // g) * d * elem for c, g in zip(counts, groups))
+        want += sum((2 * n + 7) // 8 for n in cache.hetero.seq_lengths(layer).tolist())
     assert cache.bytes_stored() == want
     tokens = cache.tokens_stored()
     assert cache.bytes_per_token() == pytest.approx(want / tokens)

@@ -156,6 +156,37 @@ BENCHMARK(BM_SdpaGQA50DecodeStep)->Apply(DecodeShapes);
 BENCHMARK_CAPTURE(BM_DecodeKV, kv_compact, true)->Apply(KVShapes);
 BENCHMARK_CAPTURE(BM_DecodeKV, kv_expanded, false)->Apply(KVShapes);
 
+// A whole layer's decode step through the public API (route, project, rotate, store, attend, o_proj):
+// D 1024, Hq 16, Hkv 8, d 64, experts (1, 2, 4) at 3:1:6, after a prompt of `context` tokens.
+void BM_LayerDecodeStep(benchmark::State& state) {
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(0);
+  const int64_t B = state.range(0), T = state.range(1);
+  const auto dtype = dtype_of(state.range(2));
+  mixsga::nn::MixSGAAttention layer(mixsga::nn::MixSGAAttentionOptions(1024, 16, 8));
+  layer->to(dtype);
+  layer->eval();
+  mixsga::HeteroKVCache cache(layer->cache_options(1));
+  layer->forward(torch::randn({B, T, 1024}).to(dtype), std::nullopt, std::nullopt, &cache, 0);
+  const auto x = torch::randn({B, 1, 1024}).to(dtype);
+  for (auto _ : state) {
+    auto [out, aux] = layer->forward(x, std::nullopt, std::nullopt, &cache, 0);
+    benchmark::DoNotOptimize(out.data_ptr());
+    state.PauseTiming();
+    cache.crop(T);
+    state.ResumeTiming();
+  }
+}
+
+void LayerShapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"batch", "context", "bf16"});
+  for (int64_t dtype : {0, 1})
+    for (int64_t batch : {1, 8})
+      for (int64_t context : {512, 2048}) b->Args({batch, context, dtype});
+  b->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(0.3);
+}
+BENCHMARK(BM_LayerDecodeStep)->Apply(LayerShapes);
+
 }  // namespace
 
 BENCHMARK_MAIN();

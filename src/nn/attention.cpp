@@ -199,6 +199,10 @@ MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tenso
   const auto& o = options;
   auto in = check_inputs(x, attention_mask, position_ids, cache, layer);
   in.rope = rope;
+  if (!in.rope.has_value() && x.size(0) > 0 && x.size(1) > 0) {
+    // The layer's own RoPE: angles computed once for q and k (and every compact key).
+    in.rope = rope_angles(in.positions.to(x.device()), head_dim_, o.rope_theta(), x.scalar_type());
+  }
   const int64_t B = x.size(0), L = x.size(1);
   const auto zero = torch::zeros({}, x.options().dtype(x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat));
   if (B == 0 || L == 0) {
@@ -261,7 +265,7 @@ torch::Tensor MixSGAAttentionImpl::attend(const torch::Tensor& x, const torch::T
 }
 
 torch::Tensor MixSGAAttentionImpl::rotate(const torch::Tensor& t, const Inputs& in) const {
-  if (!in.rope.has_value()) return apply_rope(t, in.positions, options.rope_theta());
+  if (!in.rope.has_value()) return apply_rope(t, in.positions, options.rope_theta());  // forward_routed
   const auto& [cos, sin] = *in.rope;
   return apply_rope_cos_sin(t, cos, sin);
 }
@@ -274,25 +278,18 @@ torch::Tensor MixSGAAttentionImpl::attend_cached(const torch::Tensor& x, const t
   // Decode step or chunk after cached tokens: K/V projected, scaled and rotated at their compact size and
   // stored as they are; attention reads the compact pools. Nothing is expanded to Hkv heads.
   auto compact = kv->forward_compact(x.detach(), expert_idx, in.valid);
-  // Each compact token is rotated by its own angles: the positions (or the caller's cos / sin) of its row.
+  // Each compact token is rotated by the angles of its own row.
   const auto flat = [&](const torch::Tensor& t) { return t.expand({B, L, t.size(-1)}).reshape({B * L, t.size(-1)}); };
-  const auto positions = (in.positions.dim() == 1 ? in.positions.unsqueeze(0).expand({B, L}) : in.positions).reshape({-1});
-  std::optional<RopeAngles> angles;
-  if (in.rope.has_value()) {
-    const auto& [cos, sin] = *in.rope;
-    angles = RopeAngles{flat(cos), flat(sin)};
-  }
+  const auto& [cos, sin] = *in.rope;  // always set on this path (forward_with_routing)
+  const auto cos_rows = flat(cos), sin_rows = flat(sin);
   const auto scales = key_scales();
   for (size_t e = 0; e < compact.keys.size(); ++e) {
     auto& k = compact.keys[e];
     if (k.size(0) == 0) continue;
     if (scales.defined()) k = k * scales[static_cast<int64_t>(e)].detach();  // E1; V never scaled
     const auto& rows = compact.rows[e];
-    k = angles.has_value()
-            ? nn::rotate(k.unsqueeze(0), std::get<0>(*angles).index_select(0, rows).unsqueeze(0),
-                         std::get<1>(*angles).index_select(0, rows).unsqueeze(0))
-            : apply_rope(k.unsqueeze(0), positions.index_select(0, rows).unsqueeze(0), o.rope_theta());
-    k = k.squeeze(0);
+    k = nn::rotate(k.unsqueeze(0), cos_rows.index_select(0, rows).unsqueeze(0), sin_rows.index_select(0, rows).unsqueeze(0))
+            .squeeze(0);
   }
   cache.append_compact(layer, compact.keys, compact.values, expert_idx, in.valid, true, in.positions);
   if (L == 1) {

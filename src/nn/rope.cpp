@@ -22,14 +22,21 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double t
   TORCH_CHECK_TYPE(at::isIntegralType(positions.scalar_type(), false),
                    fmt::format("positions: expected an integer dtype, got {}", c10::toString(positions.scalar_type())));
   TORCH_CHECK_VALUE(std::isfinite(theta) && theta > 0.0, fmt::format("theta: must be finite and > 0, got {}", theta));
-  const auto angle_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = x.options().dtype(angle_dtype);
-  const auto inv_freq = at::pow(theta, at::arange(0, d, 2, opts.dtype(at::kLong)).to(angle_dtype) / static_cast<double>(d))
-                            .reciprocal();
+  const auto [cos, sin] = rope_angles(positions, d, theta, x.scalar_type());
+  return rotate(x, cos, sin);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_angles(const at::Tensor& positions, int64_t head_dim, double theta,
+                                               c10::ScalarType dtype) {
+  const auto angle_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = positions.options().dtype(angle_dtype);
+  const auto inv_freq =
+      at::pow(theta, at::arange(0, head_dim, 2, opts.dtype(at::kLong)).to(angle_dtype) / static_cast<double>(head_dim))
+          .reciprocal();
   const auto pos = (positions.dim() == 1 ? positions.unsqueeze(0) : positions).to(opts);
-  const auto freqs = pos.unsqueeze(-1) * inv_freq;                  // [B|1, L, d/2]
-  const auto emb = at::cat({freqs, freqs}, -1);                     // [B|1, L, d]
-  return rotate(x, emb.cos(), emb.sin());
+  const auto freqs = pos.unsqueeze(-1) * inv_freq;  // [B|1, L, d/2]
+  const auto emb = at::cat({freqs, freqs}, -1);     // [B|1, L, d]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
 at::Tensor apply_rope_cos_sin(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {

@@ -5,6 +5,8 @@
 
 #include <ATen/Tensor.h>
 
+#include <tuple>
+
 namespace mixsga::nn {
 
 /// Rotates x by its positions.
@@ -13,6 +15,12 @@ namespace mixsga::nn {
 /// @param theta     RoPE base, default 10000.
 /// @return [B, L, H, d] in x's dtype.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta = 10000.0);
+
+/// The angles apply_rope rotates with, to compute once and rotate several tensors (q and k).
+/// @param positions [B, L] or [L] integer positions (any device; the angles are made there).
+/// @return (cos, sin), each [B|1, L, head_dim] in `dtype`, computed in float32 (float64 for float64).
+std::tuple<at::Tensor, at::Tensor> rope_angles(const at::Tensor& positions, int64_t head_dim, double theta,
+                                               c10::ScalarType dtype);
 
 /// Rotates x by angles the caller computed (a model whose RoPE variant, scaled or YaRN, makes its own
 /// cos / sin; Hugging Face passes them as position_embeddings). Same convention as apply_rope.

@@ -326,9 +326,12 @@ void HeteroKVCache::append_compact(int64_t layer, const std::vector<at::Tensor>&
   // place() grows the pools, so the K/V shapes are checked against the routing first: nothing may change
   // before every check has passed.
   const auto routing = host_routing(B, L, expert_idx, valid);
+  std::vector<int64_t> counts(E, 0);
+  const int64_t* ip = routing.expert_idx.const_data_ptr<int64_t>();
+  const bool* vp = routing.valid.const_data_ptr<bool>();
+  for (int64_t i = 0; i < B * L; ++i) counts[ip[i]] += vp[i] ? 1 : 0;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = (routing.valid & routing.expert_idx.eq(e)).sum().item<int64_t>();
-    const std::vector<int64_t> shape{n, o.num_kv_heads / o.group_sizes[e], d};
+    const std::vector<int64_t> shape{counts[e], o.num_kv_heads / o.group_sizes[e], d};
     check_kv(keys[e], fmt::format("keys[{}]", e).c_str(), shape);
     check_kv(values[e], fmt::format("values[{}]", e).c_str(), shape);
   }

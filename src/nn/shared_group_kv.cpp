@@ -83,21 +83,37 @@ CompactKV SharedGroupKVImpl::forward_compact(const torch::Tensor& x, const torch
   // Padding goes to an extra bucket E that is never projected; the stable permutation keeps each
   // expert's tokens in batch-major order, the order append_compact expects.
   auto idx = expert_idx.reshape({-1}).to(torch::kLong);
-  if (valid.has_value() && valid->defined()) idx = idx.masked_fill(valid->reshape({-1}).logical_not(), E);
-  const auto [perm, offsets] = ops::expert_permutation(idx, E + 1);
-  const auto off = offsets.cpu();
-  const int64_t* op = off.const_data_ptr<int64_t>();
+  const bool has_valid = valid.has_value() && valid->defined();
+  torch::Tensor perm;
+  std::vector<int64_t> bounds(E + 2, 0);
+  if (idx.numel() == 1) {
+    // One decode token: its expert is read directly (a host read, as the permutation's offsets would
+    // be), which saves the permutation op on the latency-bound path. Padding: bucket E, no expert.
+    const int64_t expert = has_valid && !valid->reshape({-1})[0].item<bool>() ? E : idx.item<int64_t>();
+    perm = torch::zeros({1}, idx.options());
+    for (int64_t e = expert + 1; e <= E + 1; ++e) bounds[e] = 1;
+  } else {
+    if (has_valid) idx = idx.masked_fill(valid->reshape({-1}).logical_not(), E);
+    torch::Tensor offsets;
+    std::tie(perm, offsets) = ops::expert_permutation(idx, E + 1);
+    const auto off = offsets.cpu();
+    std::copy(off.const_data_ptr<int64_t>(), off.const_data_ptr<int64_t>() + E + 2, bounds.begin());
+  }
   const auto flat = x.reshape({-1, options.hidden_size()});
   const auto& pooled = pooled_kv_weights();
   CompactKV out;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t g = options.group_sizes()[e], n = op[e + 1] - op[e];
-    auto rows = perm.narrow(0, op[e], n);
-    const auto& [w, b] = pooled[e];
-    const auto kv = torch::linear(flat.index_select(0, rows), w, b).view({n, 2 * H / g, d});
-    const auto parts = kv.split(H / g, 1);
-    out.keys.push_back(parts[0]);
-    out.values.push_back(parts[1]);
+    const int64_t g = options.group_sizes()[e], n = bounds[e + 1] - bounds[e];
+    auto rows = perm.narrow(0, bounds[e], n);
+    if (n == 0) {  // no projection for an expert without tokens
+      out.keys.push_back(torch::empty({0, H / g, d}, x.options()));
+      out.values.push_back(out.keys.back());
+    } else {
+      const auto& [w, b] = pooled[e];
+      const auto parts = torch::linear(flat.index_select(0, rows), w, b).view({n, 2 * H / g, d}).split(H / g, 1);
+      out.keys.push_back(parts[0]);
+      out.values.push_back(parts[1]);
+    }
     out.rows.push_back(std::move(rows));
   }
   return out;

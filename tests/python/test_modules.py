@@ -325,3 +325,10 @@ def test_compact_kv_is_the_group_means_of_grouped_kv_and_follows_weight_updates(
         clear_kv_weight_cache(v_proj)
         check()
     check()  # with autograd: fresh pooled weights
+    # One token (the decode shortcut without the permutation): its expert only, or nothing if padding.
+    one = compact_kv(x[:1, :1], k_proj, v_proj, torch.tensor([[1]]), None, (1, 2, 4), 8)
+    assert [k.shape[0] for k in one.keys] == [0, 1, 0] and one.rows[1].tolist() == [0]
+    k_ref = grouped_kv(x[:1, :1], k_proj, v_proj, torch.tensor([[1]]), (1, 2, 4), 8)[0]
+    torch.testing.assert_close(one.keys[1], k_ref.view(1, 2, 2, 8)[:, :, 0], rtol=1e-12, atol=1e-12)
+    padded = compact_kv(x[:1, :1], k_proj, v_proj, torch.tensor([[1]]), torch.tensor([[False]]), (1, 2, 4), 8)
+    assert [k.shape for k in padded.keys] == [(0, 4, 8), (0, 2, 8), (0, 1, 8)]

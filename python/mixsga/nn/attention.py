@@ -23,7 +23,7 @@ from .._checks import (
     shape_str,
 )
 from .._kv_fraction import kv_fraction
-from .functional import apply_rope_cos_sin, default_positions, padding_attention_mask, rope_angles
+from .functional import apply_rope_cos_sin, default_positions, padding_attention_mask, rope_angles, rotate
 from .router import ExpertChoiceRouter
 from .shared_group_kv import compact_kv, grouped_kv, pooling_error
 
@@ -457,7 +457,13 @@ class MixSGAAttention(nn.Module):
             if k.shape[0] > 0:
                 if scales is not None:  # extension E1 (values are never scaled)
                     k = k * scales[e].detach()
-                k = apply_rope_cos_sin(k[None], cos[rows][None], sin[rows][None])[0]
+                if B * L > 1:  # each token's own angles (a single token's are cos, sin themselves)
+                    rows_cos, rows_sin = cos.index_select(0, rows), sin.index_select(0, rows)
+                else:
+                    rows_cos, rows_sin = cos, sin
+                # The shapes are right by construction, so the unchecked rotation (per-call overhead
+                # decides a decode step's cost).
+                k = rotate(k[None], rows_cos[None], rows_sin[None])[0]
             keys.append(k)
         cache.append_compact(layer_idx, keys, compact.values, expert_idx, valid, True, positions)
         pools_k, pools_v, lengths = cache.keys(layer_idx), cache.values(layer_idx), cache.lengths(layer_idx)

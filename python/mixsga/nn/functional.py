@@ -27,7 +27,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
         raise ValueError(f"positions: expected shape [{B}, {L}] or [{L}], got {shape_str(positions.shape)}")
     if not theta > 0.0:
         raise ValueError(f"theta: must be > 0, got {theta}")
-    return _rotate(x, *rope_angles(positions, d, theta, x.dtype, x.device))
+    return rotate(x, *rope_angles(positions, d, theta, x.dtype, x.device))
 
 
 def rope_angles(
@@ -76,7 +76,7 @@ def apply_rope_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 3 or t.shape[1] != L or t.shape[2] != d or t.shape[0] not in (B, 1):
             raise ValueError(f"{name}: expected shape [{B}, {L}, {d}] or [1, {L}, {d}], got {shape_str(t.shape)}")
-    return _rotate(x, cos, sin)
+    return rotate(x, cos, sin)
 
 
 def _check_rope_input(x: torch.Tensor) -> tuple[int, int, int]:
@@ -87,7 +87,7 @@ def _check_rope_input(x: torch.Tensor) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], x.shape[3]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The rotate_half rotation of x [B, L, H, d] by cos/sin [B|1, L, d] (cast to x's dtype).
 
     On CPU this is the fused ``torch.ops.mixsga.rope_rotate`` (one pass over x, differentiable in x);

@@ -163,17 +163,28 @@ def compact_kv(
     E, D = len(group_sizes), x.shape[-1]
     heads = k_proj.weight.shape[0] // head_dim
     idx = expert_idx.reshape(-1).long()
-    if valid is not None:  # padding goes to an extra bucket E that is never projected
-        idx = idx.masked_fill(~valid.reshape(-1), E)
-    perm, offsets = torch.ops.mixsga.expert_permutation(idx, E + 1)
-    bounds = offsets.tolist()
     flat = x.reshape(-1, D)
+    if idx.numel() == 1:
+        # One decode token: its expert is read directly (a host read, as the permutation's offsets would
+        # be), which saves the permutation op on the latency-bound path. Padding: bucket E, no expert.
+        expert = int(idx[0]) if valid is None or bool(valid.reshape(-1)[0]) else E
+        perm = torch.zeros(1, dtype=torch.long, device=x.device)
+        bounds = [0] * (expert + 1) + [1] * (E - expert)
+    else:
+        if valid is not None:  # padding goes to an extra bucket E that is never projected
+            idx = idx.masked_fill(~valid.reshape(-1), E)
+        perm, offsets = torch.ops.mixsga.expert_permutation(idx, E + 1)
+        bounds = offsets.tolist()
     pooled = _pooled_kv_weights(k_proj, v_proj, group_sizes, head_dim)
     out = CompactKV([], [], [])
     for e, g in enumerate(group_sizes):
         rows = perm[bounds[e] : bounds[e + 1]]
-        weight, bias = pooled[e]
-        k, v = F.linear(flat.index_select(0, rows), weight, bias).view(-1, 2 * heads // g, head_dim).split(heads // g, 1)
+        if rows.numel() == 0:  # no projection for an expert without tokens
+            k = v = flat.new_empty(0, heads // g, head_dim)
+        else:
+            weight, bias = pooled[e]
+            kv = F.linear(flat.index_select(0, rows), weight, bias).view(-1, 2 * heads // g, head_dim)
+            k, v = kv.split(heads // g, 1)
         out.keys.append(k)
         out.values.append(v)
         out.rows.append(rows)

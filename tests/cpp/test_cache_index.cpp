@@ -214,3 +214,22 @@ TEST(CacheIndex, LayerDecodeAndChunkStoreTheSameAsTheExpandedPath) {
   const auto out = torch::cat({first.output, chunk.output, step.output, last.output}, 1);
   EXPECT_TRUE(torch::allclose(out, layer->forward_routed(x, idx), 1e-10, 1e-10));
 }
+
+TEST(CacheIndex, ForwardCompactOfOneTokenIsItsExpertsGroupMeansAndNothingForPadding) {
+  torch::manual_seed(4);
+  mixsga::nn::SharedGroupKV kv(mixsga::nn::SharedGroupKVOptions(16, 4, 8).bias(true));
+  kv->to(torch::kDouble);
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({1, 1, 16}, torch::kDouble);
+  const auto idx = torch::full({1, 1}, 2, torch::kLong);
+  const auto one = kv->forward_compact(x, idx);
+  ASSERT_EQ(one.keys.size(), 3u);
+  EXPECT_EQ(one.keys[0].size(0), 0);
+  EXPECT_EQ(one.keys[1].size(0), 0);
+  ASSERT_EQ(one.keys[2].size(0), 1);
+  const auto [k, v] = kv->forward(x, idx);  // [1, 1, 4, 8]: the one compact head repeated 4 times
+  EXPECT_TRUE(torch::allclose(one.keys[2], k.reshape({1, 4, 8}).narrow(1, 0, 1), 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(one.values[2], v.reshape({1, 4, 8}).narrow(1, 0, 1), 1e-12, 1e-12));
+  const auto padded = kv->forward_compact(x, idx, torch::zeros({1, 1}, torch::kBool));
+  for (int64_t e = 0; e < 3; ++e) EXPECT_EQ(padded.keys[e].size(0), 0) << "expert " << e;
+}

@@ -76,7 +76,8 @@ class HeteroKVCache {
   /// Errors (nothing is stored): keys / values of another dtype or device than the cache's, or not
   /// [B, L, num_kv_heads, head_dim]; a batch size other than the one fixed by the first append; a layer
   /// outside [0, num_layers); more than max_tokens tokens in a sequence; positions that do not continue.
-  /// The first append fixes the batch size B until reset().
+  /// The first append that holds a token (B, L > 0) fixes the batch size B until reset(); an append of
+  /// no tokens changes nothing.
   void append(int64_t layer, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& expert_idx,
               const std::optional<at::Tensor>& valid = std::nullopt, std::optional<bool> decode = std::nullopt,
               const std::optional<at::Tensor>& positions = std::nullopt);

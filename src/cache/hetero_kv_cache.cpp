@@ -162,6 +162,9 @@ HeteroKVCache::Placement HeteroKVCache::place(int64_t layer, const HostRouting& 
   const bool* vp = routing.valid.const_data_ptr<bool>();
   const int64_t* pp = pos.defined() ? pos.const_data_ptr<int64_t>() : nullptr;
   const int64_t* lp = first ? nullptr : state.lengths.const_data_ptr<int64_t>();
+  // No tokens: nothing to place, nothing changes (the batch size is fixed by the first append that stores
+  // something; sizing per-sequence state by an empty [B, 0] input could allocate without bound).
+  if (B == 0 || L == 0) return {};
   Placement placement;
   placement.batch.resize(E), placement.token.resize(E), placement.slot.resize(E);
   placement.start.assign(B, 0), placement.new_tokens.assign(B, 0);

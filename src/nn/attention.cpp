@@ -1,4 +1,5 @@
 #include "mixsga/nn/attention.h"
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
@@ -14,6 +15,24 @@
 #include "ops/validation.h"
 
 namespace mixsga::nn {
+namespace {
+/// aux_in_backward: returns the layer's output unchanged; backward passes its gradient through and sends
+/// `scale` to the aux loss, so whatever loss reaches the output also trains the router (once: the layer
+/// then returns the aux loss detached). The Python twin is mixsga/nn/aux_gradient.py.
+struct AuxGradient : torch::autograd::Function<AuxGradient> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& output,
+                               const torch::Tensor& aux, double scale) {
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["aux_like"] = torch::empty({}, aux.options());  // dtype and device of d aux
+    return output.view_as(output);  // no copy; autograd gives the alias this node as its history
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto like = ctx->saved_data["aux_like"].toTensor();
+    return {grads[0], torch::full({}, ctx->saved_data["scale"].toDouble(), like.options()), torch::Tensor()};
+  }
+};
+}  // namespace
 
 MixSGAAttentionImpl::MixSGAAttentionImpl(MixSGAAttentionOptions options_) : options(std::move(options_)) { reset(); }
 
@@ -65,10 +84,10 @@ void MixSGAAttentionImpl::pretty_print(std::ostream& stream) const {
   stream << fmt::format(
       "mixsga::nn::MixSGAAttention(hidden_size={}, num_heads={}, num_kv_heads={}, head_dim={}, group_sizes=({}), "
       "ratios=({}), kv_fraction={:.4g}, bias={}, aux_loss={}, aux_alpha={}, prefill_routing={}, key_scale={}, "
-      "routing_signal={})",
+      "routing_signal={}, aux_in_backward={})",
       o.hidden_size(), o.num_heads(), o.num_kv_heads(), head_dim_, fmt::join(o.group_sizes(), ", "),
       fmt::join(o.ratios(), ", "), kv_fraction(), o.bias(), o.aux_loss(), o.aux_alpha(), o.prefill_routing(),
-      o.key_scale(), o.routing_signal());
+      o.key_scale(), o.routing_signal(), o.aux_in_backward());
 }
 
 double MixSGAAttentionImpl::kv_fraction() const { return mixsga::kv_fraction(options.group_sizes(), options.ratios()); }
@@ -222,7 +241,11 @@ MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tenso
   const auto target = router->route(importance(x, scores), in.valid);
   const auto expert_idx = o.prefill_routing() == "argmax" ? router->argmax_route(scores) : target;
   const auto aux = o.aux_alpha() == 0.0 ? zero : router->aux_loss(logits, target, in.valid) * o.aux_alpha();
-  return {attend(x, expert_idx, in, cache, layer, true), aux, expert_idx, target};
+  auto out = attend(x, expert_idx, in, cache, layer, true);
+  if (o.aux_in_backward() && aux.requires_grad()) {
+    return {AuxGradient::apply(out, aux, o.aux_backward_scale()), aux.detach(), expert_idx, target};
+  }
+  return {out, aux, expert_idx, target};
 }
 
 torch::Tensor MixSGAAttentionImpl::forward_routed(const torch::Tensor& x, const torch::Tensor& expert_idx,
@@ -322,6 +345,7 @@ MixSGAAttentionImpl::RoutingAgreement MixSGAAttentionImpl::routing_agreement(
 
 namespace mixsga::nn {
 namespace {
+// aux_in_backward, aux_backward_scale: how the gradient is delivered, not the model, so not recorded.
 detail::OptionRecord option_record(const MixSGAAttentionOptions& o) {
   return {{"hidden_size", fmt::format("{}", o.hidden_size())},
           {"num_heads", fmt::format("{}", o.num_heads())},

@@ -10,6 +10,7 @@
 #include <fmt/ranges.h>
 #include <torch/python.h>
 
+#include <cmath>
 #include <map>
 #include <optional>
 #include <string>
@@ -269,7 +270,8 @@ void bind_attention(py::module_& m) {
       .def(py::init([](int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, std::optional<int64_t> head_dim,
                        std::vector<int64_t> group_sizes, std::vector<double> ratios, bool bias, double rope_theta,
                        std::string aux_loss, double aux_alpha, std::string prefill_routing, bool detach_router_input,
-                       double attention_dropout, std::string key_scale, std::string routing_signal) {
+                       double attention_dropout, std::string key_scale, std::string routing_signal,
+                       bool aux_in_backward) {
              // head_dim None means hidden_size / num_heads; the C++ options spell that 0, so 0 itself
              // must not slip through as "derive it".
              TORCH_CHECK_VALUE(!head_dim.has_value() || *head_dim > 0,
@@ -286,14 +288,15 @@ void bind_attention(py::module_& m) {
                                                               .detach_router_input(detach_router_input)
                                                               .attention_dropout(attention_dropout)
                                                               .key_scale(std::move(key_scale))
-                                                              .routing_signal(std::move(routing_signal)));
+                                                              .routing_signal(std::move(routing_signal))
+                                                              .aux_in_backward(aux_in_backward));
            }),
            py::arg("hidden_size"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim") = py::none(),
            py::arg("group_sizes") = std::vector<int64_t>{1, 2, 4}, py::arg("ratios") = std::vector<double>{0.3, 0.1, 0.6},
            py::arg("bias") = false, py::arg("rope_theta") = 10000.0, py::arg("aux_loss") = "sigmoid_ce",
            py::arg("aux_alpha") = 0.1, py::arg("prefill_routing") = "expert_choice",
            py::arg("detach_router_input") = false, py::arg("attention_dropout") = 0.0, py::arg("key_scale") = "none",
-           py::arg("routing_signal") = "router",
+           py::arg("routing_signal") = "router", py::arg("aux_in_backward") = false,
            "The C++ mixsga::nn::MixSGAAttention; same arguments, parameter names and shapes as "
            "mixsga.nn.MixSGAAttention.")
       .def("forward", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
@@ -350,8 +353,17 @@ void bind_attention(py::module_& m) {
         d["attention_dropout"] = o.attention_dropout();
         d["key_scale"] = o.key_scale();
         d["routing_signal"] = o.routing_signal();
+        d["aux_in_backward"] = o.aux_in_backward();
         return d;
-      });
+      })
+      .def_property(
+          "aux_backward_scale", [](const MixSGAAttentionImpl& a) { return a.options.aux_backward_scale(); },
+          [](MixSGAAttentionImpl& a, double scale) {
+            TORCH_CHECK_VALUE(std::isfinite(scale) && scale >= 0.0,
+                              fmt::format("aux_backward_scale: must be finite and >= 0, got {}", scale));
+            a.options.aux_backward_scale(scale);
+          },
+          "With aux_in_backward: the factor of the aux gradient (default 1).");
 }
 
 }  // namespace

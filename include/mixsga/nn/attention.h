@@ -60,6 +60,17 @@ struct MixSGAAttentionOptions {
   /// the paper) or "pooling_error" (each token's K/V pooling error; also the aux-loss target, so the
   /// router's argmax, which routes decode, learns to predict it).
   TORCH_ARG(std::string, routing_signal) = "router";
+  /// Deliver the aux loss through backward instead of returning it for the caller to add. Default false.
+  /// When true (in a forward with gradients), the output passes through unchanged and, in backward, the
+  /// router also receives aux_backward_scale * d(aux_alpha * L_aux), so any loss backpropagated through the
+  /// layer trains the router; the returned aux loss is then detached (a value to log: adding it to the loss
+  /// cannot count it twice). Not part of a checkpoint's options: it changes how the gradient is delivered,
+  /// not the model.
+  TORCH_ARG(bool, aux_in_backward) = false;
+  /// With aux_in_backward, the factor of the aux gradient: what the training loop's loss normalisation
+  /// implies, e.g. 1 / gradient-accumulation steps. Default 1. May be changed between steps
+  /// (`layer->options.aux_backward_scale(s)`).
+  TORCH_ARG(double, aux_backward_scale) = 1.0;
 };
 
 /// (cos, sin), each [B, L, d] or [1, L, d]: rotary angles computed by the caller, for models whose RoPE

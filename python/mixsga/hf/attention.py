@@ -12,6 +12,9 @@ from .cache import MixSGACache
 #: None), from which padding cannot be read back reliably; a keyword argument, unlike state on the
 #: module, survives gradient checkpointing's recomputation.
 PADDING_MASK_KWARG = "mixsga_padding_mask"
+#: Keyword under which the same hook hands every layer of a training forward the forward's shared
+#: ``AuxScale`` (mixsga.nn.aux_gradient): how much aux gradient the layers send in backward.
+AUX_SCALE_KWARG = "mixsga_aux_scale"
 
 
 class HFMixSGAAttention(MixSGAAttention):
@@ -25,8 +28,10 @@ class HFMixSGAAttention(MixSGAAttention):
       ``attention_mask`` is used when there is none. Padded tokens take no expert capacity and are
       neither attended to nor cached.
     - ``past_key_values`` must be a ``MixSGACache`` (or None): tokens are stored at their compact size.
+    - With ``aux_in_backward`` (the default of converted models) the aux gradient is attached to the output
+      with the forward's ``AuxScale`` (``AUX_SCALE_KWARG``, see mixsga.hf.hooks), so any loss trains the routers.
     - The aux loss of the latest call is kept in ``last_aux_loss`` (0-dim; 0 after a decode step) for
-      ``mixsga.hf.aux_loss(model)``; nothing else is kept between calls.
+      ``mixsga.hf.aux_loss(model)`` and ``outputs.aux_loss``; nothing else is kept between calls.
 
     Constructor: ``layer_idx`` (the layer's index in the cache) plus MixSGAAttention's arguments.
     """
@@ -40,6 +45,7 @@ class HFMixSGAAttention(MixSGAAttention):
         self.is_causal = True  # read by some transformers utilities
         self.last_aux_loss: torch.Tensor | None = None
         self.last_call_was_prefill = False  # a call on an empty (or no) cache: the one that has an aux loss
+        self._call_aux_scale = None  # the AuxScale of the running call (from the model-level hook)
 
     def forward(
         self,
@@ -75,11 +81,21 @@ class HFMixSGAAttention(MixSGAAttention):
             positions = positions.expand(B, -1)
         self.last_call_was_prefill = cache is None or cache.batch_size == 0 or cache.max_seq_length(self.layer_idx) == 0
         rope = position_embeddings if self.uses_rope else _identity_rope(hidden_states, self.head_dim)
-        result = self.forward_with_routing(hidden_states, mask, positions, cache, self.layer_idx, rope)
+        # Passed as a keyword, so gradient checkpointing's recomputation sees the same scale.
+        self._call_aux_scale = kwargs.get(AUX_SCALE_KWARG)
+        try:
+            result = self.forward_with_routing(hidden_states, mask, positions, cache, self.layer_idx, rope)
+        finally:
+            self._call_aux_scale = None
         if past_key_values is not None:
             past_key_values.advance(self.layer_idx, L)
         self.last_aux_loss = result.aux_loss
         return result.output, None
+
+
+    def _aux_scale(self):
+        # The forward's shared scale when the model-level hook gave one (a layer called on its own: its own).
+        return self._call_aux_scale if self._call_aux_scale is not None else super()._aux_scale()
 
 
 class HFMixSGAOPTAttention(HFMixSGAAttention):

@@ -43,6 +43,7 @@ class MixSGASettings:
     detach_router_input: bool = False
     key_scale: str = "none"
     routing_signal: str = "router"
+    aux_in_backward: bool = True
 
     @classmethod
     def create(
@@ -55,6 +56,7 @@ class MixSGASettings:
         detach_router_input: bool = False,
         key_scale: str = "none",
         routing_signal: str = "router",
+        aux_in_backward: bool = True,
     ) -> MixSGASettings:
         """Validated settings (group sizes strictly increasing, one ratio per expert summing to 1, ...)."""
         groups = check_group_sizes(group_sizes)
@@ -65,8 +67,11 @@ class MixSGASettings:
             raise TypeError(f"aux_alpha: expected a float, got {aux_alpha!r}") from None
         if not isinstance(detach_router_input, bool):
             raise TypeError(f"detach_router_input: expected a bool, got {detach_router_input!r}")
+        if not isinstance(aux_in_backward, bool):
+            raise TypeError(f"aux_in_backward: expected a bool, got {aux_in_backward!r}")
         return cls(groups, values, check_aux_loss_kind(aux_loss), alpha, check_prefill_routing(prefill_routing),
-                   detach_router_input, check_key_scale(key_scale), check_routing_signal(routing_signal))
+                   detach_router_input, check_key_scale(key_scale), check_routing_signal(routing_signal),
+                   aux_in_backward)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,7 +102,40 @@ class _MixSGAConfigMixin:
     def to_dict(self) -> dict:
         d = super().to_dict()
         d[BASE_TYPE_KEY] = type(self).mixsga_base_model_type
+        # The auto_map that lets tools which never import mixsga load the saved model (remote_code.py).
+        # Our entries replace any earlier ones (a loaded config keeps the auto_map of its file), so
+        # repeated load/save round trips write the same map; entries for other Auto classes are kept.
+        from .remote_code import auto_map_entries
+
+        d["auto_map"] = {**(d.get("auto_map") or {}), **auto_map_entries(self)}
         return d
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        """Saves the config (transformers' ``save_pretrained``) and writes the shim module its
+        ``auto_map`` names beside config.json, so the folder also loads with
+        ``trust_remote_code=True`` where mixsga was never imported (remote_code.py). Runs for
+        ``model.save_pretrained`` and ``push_to_hub()`` too (both save the config through here; the
+        latter uploads the whole folder). ``config.save_pretrained(path, push_to_hub=True)`` alone
+        uploads only the files its own save changed, so there the shim goes up with the first save."""
+        import os  # here, not at the top: this mixin's code stays apart from the settings above
+
+        from .remote_code import write_shim
+
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory: expected a folder, got the file {os.fspath(save_directory)!r}")
+        os.makedirs(save_directory, exist_ok=True)
+        # Before the config: a folder whose config.json names the shim then always has it.
+        write_shim(save_directory)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        """Does nothing: the auto_map of a converted model is written by ``to_dict`` and names the shim.
+
+        transformers calls this on a config class it loaded as custom code (a fresh interpreter's
+        ``AutoConfig.from_pretrained(path, trust_remote_code=True)``); the default would make every
+        later save copy this module's source file into the folder, which fails (it imports
+        ``.._checks``, outside the folder) and would duplicate mixsga's code."""
 
 
 def _converted_config_class(family_config: type, family: str) -> type:

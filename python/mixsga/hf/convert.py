@@ -3,8 +3,6 @@ GQA baseline of the paper (``to_gqa``), in place, keeping the model's own weight
 
 from __future__ import annotations
 
-import inspect
-import types
 import warnings
 from collections.abc import Sequence
 
@@ -13,8 +11,8 @@ from torch import nn
 
 from ..nn.router import ExpertChoiceRouter
 from ..nn.shared_group_kv import pool_kv_weight
-from .attention import PADDING_MASK_KWARG, HFMixSGAAttention, HFMixSGAOPTAttention
-from .cache import MixSGACache
+from . import hooks
+from .attention import HFMixSGAAttention, HFMixSGAOPTAttention
 from .config import CONFIG_KEY, MixSGASettings, base_model_type, mark_converted
 
 #: model_type of the supported families: their decoder layers call ``self_attn`` with keyword arguments
@@ -46,7 +44,9 @@ def convert(
         **options: ``aux_loss`` ("sigmoid_ce"), ``aux_alpha`` (0.1), ``prefill_routing``
             ("expert_choice" or "argmax"), ``detach_router_input`` (False), and the quality extensions
             ``key_scale`` ("none", "group" or "learned") and ``routing_signal`` ("router" or
-            "pooling_error"); see MixSGAAttention and docs/METHOD.md. The defaults are the paper's method;
+            "pooling_error"), and ``aux_in_backward`` (True: the aux loss reaches the routers through backward,
+            whatever loss the training loop backpropagates; see mixsga.hf.hooks); see MixSGAAttention and
+            docs/METHOD.md. The defaults are the paper's method;
             ``mixsga.hf.RECOMMENDED`` holds the extensions the study found best, and
             ``mixsga.hf.prepare(model, blocks)`` calibrates key scales and warm-starts the routers.
 
@@ -55,8 +55,12 @@ def convert(
           config (``model_type`` "mixsga_llama" etc.), so ``save_pretrained`` stores both and
           ``mixsga.hf.from_pretrained(path)``, or ``AutoModelForCausalLM.from_pretrained(path)`` after
           ``import mixsga.hf``, rebuilds the model with its router weights.
-        - ``model(...)`` returns the usual outputs (the LM loss from ``labels``); add
-          ``mixsga.hf.aux_loss(model)`` to it when training, it is what trains the routers.
+        - ``model(...)`` returns the usual outputs plus ``aux_loss`` (the mean over layers of aux_alpha * L_aux,
+          a value). In training mode ``loss`` (from ``labels``) is the LM loss plus the aux loss, and any loss
+          backpropagated through the model trains the routers (mixsga.hf.hooks says how the scale follows
+          the loop's normalisation; ``set_aux_loss_scale`` for loops that never read ``outputs.loss``). In
+          eval mode ``loss`` is the plain cross-entropy.
+        - A training forward never builds a KV cache; packed (padding-free) batches are refused.
         - ``model.generate(...)`` stores the compact ``MixSGACache``.
         - Padding is read from the 2D ``attention_mask`` given to the model: padded tokens take no
           capacity and are never cached.
@@ -67,6 +71,10 @@ def convert(
         TypeError: ``model`` is not a supported transformers model, or is already converted.
         ValueError: bad group sizes / ratios / options, naming the argument and the value seen.
     """
+    known = [f for f in MixSGASettings.__dataclass_fields__ if f not in ("group_sizes", "ratios")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"convert: unexpected option {unknown[0]!r}; the options are {', '.join(known)}")
     settings = MixSGASettings.create(group_sizes, ratios, **options)
     base, config = _base_model(model, "convert")
     num_kv = _num_kv_heads(config)
@@ -84,7 +92,7 @@ def convert(
     for cfg in {id(c): c for c in (model.config, base.config)}.values():
         setattr(cfg, CONFIG_KEY, settings.to_dict())
         mark_converted(cfg)  # model_type "mixsga_<family>": save_pretrained's config.json is not a plain model's
-    _install_hooks(model, base)
+    hooks.install(model, base)
     return model
 
 
@@ -185,6 +193,7 @@ def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings
             detach_router_input=settings.detach_router_input,
             key_scale=settings.key_scale,
             routing_signal=settings.routing_signal,
+            aux_in_backward=settings.aux_in_backward,
             attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
             layer_idx=idx,
         )
@@ -199,46 +208,3 @@ def _mixsga_attention(old: nn.Module, idx: int, config, settings: MixSGASettings
     attn.config = config  # some transformers utilities read the attention's config
     attn.train(old.training)
     return attn
-
-
-def _install_hooks(model: nn.Module, base: nn.Module) -> None:
-    """Hands the 2D padding mask to the attention layers, makes the default cache a MixSGACache, and makes
-    ``generate`` create one."""
-    num_layers = len(base.layers)
-    # Where the decoder stack's forward takes these positionally (Llama and OPT order them differently).
-    names = list(inspect.signature(base.forward).parameters)
-    mask_at, past_at = names.index("attention_mask"), names.index("past_key_values")
-
-    def pre_hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask", args[mask_at] if len(args) > mask_at else None)
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-            seen = f"shape {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(
-                f"attention_mask: a mixSGA model needs the [B, T] 0/1 padding mask (routing must know the "
-                f"padding), got {seen}"
-            )
-        kwargs[PADDING_MASK_KWARG] = mask
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", False)
-        past = kwargs.get("past_key_values", args[past_at] if len(args) > past_at else None)
-        if use_cache and past is None and len(args) <= past_at:
-            # Transformers would create a DynamicCache (full K/V per token), which mixSGA layers cannot use.
-            kwargs["past_key_values"] = MixSGACache(num_layers=num_layers)
-        return args, kwargs
-
-    base._mixsga_hook = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    generation_owner = model if hasattr(model, "_prepare_cache_for_generation") else None
-    if generation_owner is not None:
-        original = type(generation_owner)._prepare_cache_for_generation
-
-        def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
-            result = original(self, generation_config, model_kwargs, *args, **kwargs)
-            cache = model_kwargs.get("past_key_values")
-            if cache is not None and not isinstance(cache, MixSGACache) and not getattr(cache, "_is_user_defined", False):
-                model_kwargs["past_key_values"] = MixSGACache(num_layers=num_layers)
-            return result
-
-        # Per instance: only converted models change, the transformers class stays as it is.
-        generation_owner._prepare_cache_for_generation = types.MethodType(prepare_cache, generation_owner)

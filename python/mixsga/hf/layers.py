@@ -18,9 +18,12 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     """The model's prefill/decode consistency loss of its most recent forward: the mean over its mixSGA
     layers of each layer's ``aux_alpha * L_aux`` (so the paper's ``alpha / N_layers * sum_l L_aux``).
 
-    Add it to the LM loss when training; it is the only loss that trains the routers. 0-dim tensor
-    (float32, float64 for a float64 model) with the forward's autograd graph; 0.0 when the model has not
-    run yet or its last forward was a decode step (a call on a non-empty cache).
+    A value to log for models converted with ``aux_in_backward`` (the default): their layers already send
+    the aux gradient through backward, so the tensor is detached and adding it to a loss changes only the
+    loss's value, never the gradient (it cannot count twice). Layers without it return the forward's
+    autograd graph: add it to the LM loss, it is then what trains the routers. 0-dim tensor (float32,
+    float64 for a float64 model); 0.0 when the model has not run yet or its last forward was a decode step
+    (a call on a non-empty cache).
 
     Raises:
         TypeError: ``model`` has no mixSGA layers (it was not converted; a silent 0 would leave the
@@ -34,7 +37,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
             "layers; call mixsga.hf.convert(model, ...) first (or skip the aux loss for unconverted models)"
         )
     layers = [m for m in all_layers if m.last_aux_loss is not None]
-    if torch.is_grad_enabled() and any(_lost_graph(m) for m in layers):
+    if torch.is_grad_enabled() and any(_lost_graph(m) for m in layers if not m.aux_in_backward):
         raise RuntimeError(
             "aux_loss: the last forward kept no autograd graph for the routers' aux loss (it ran under "
             "torch.no_grad, or under reentrant gradient checkpointing, which recomputes layers only in "

@@ -37,6 +37,11 @@ def capture_layer_inputs(model: torch.nn.Module, blocks: torch.Tensor) -> list[L
     layers = mixsga_layers(model)
     if not layers:
         raise TypeError(f"model: {type(model).__name__} has no mixSGA layers; call mixsga.hf.convert first")
+    if not isinstance(blocks, torch.Tensor):
+        raise TypeError(
+            f"blocks: expected a [N, T] integer tensor of token ids (tokenize the text first), got "
+            f"{type(blocks).__name__}"
+        )
     if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.dtype.is_floating_point:
         raise ValueError(f"blocks: expected a non-empty [N, T] integer tensor, got {blocks.dtype} {list(blocks.shape)}")
     captured: dict[int, LayerInputs] = {}

@@ -4,8 +4,11 @@ Its config.json has ``model_type`` "mixsga_<family>" (config.py) and the setting
 Importing ``mixsga.hf`` registers, per family, that config class with ``AutoConfig`` and a model class
 with ``AutoModelForCausalLM`` that builds the family's model and converts it before transformers loads
 the checkpoint, so every saved tensor (backbone, routers, key scales) loads into its place. A plain
-``AutoModelForCausalLM.from_pretrained(path)`` thus gives the converted model too; without
-``import mixsga.hf`` transformers refuses the unknown model type instead of loading a vanilla model.
+``AutoModelForCausalLM.from_pretrained(path)`` thus gives the converted model too. Tools that never
+import mixsga load it with ``trust_remote_code=True``: the folder holds an ``auto_map`` and a small shim
+module that imports mixsga and re-exports the classes registered here (remote_code.py). Without either,
+transformers refuses the folder (unknown model type, or custom code not trusted) instead of loading a
+vanilla model.
 
 Folders saved before the mixSGA model types (``model_type`` "llama" etc. with a ``mixsga`` key) load
 with ``mixsga.hf.from_pretrained`` only: a plain transformers load cannot tell them from a vanilla model.
@@ -61,7 +64,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         mark_converted(config)
-    return _MODEL_CLASSES[base_model_type(config)].from_pretrained(path, config=config, **kwargs)
+    return MIXSGA_MODEL_CLASSES[base_model_type(config)].from_pretrained(path, config=config, **kwargs)
 
 
 def _mixsga_keys(model: nn.Module) -> list[str]:
@@ -131,4 +134,10 @@ def _register() -> dict[str, type]:
     return classes
 
 
-_MODEL_CLASSES = _register()
+#: Family model_type -> its registered model class.
+MIXSGA_MODEL_CLASSES = _register()
+# Module-level names, so the shim of a saved model (remote_code.py) can import them and they pickle.
+MixSGALlamaForCausalLM = MIXSGA_MODEL_CLASSES["llama"]
+MixSGAMistralForCausalLM = MIXSGA_MODEL_CLASSES["mistral"]
+MixSGAQwen2ForCausalLM = MIXSGA_MODEL_CLASSES["qwen2"]
+MixSGAOPTForCausalLM = MIXSGA_MODEL_CLASSES["opt"]

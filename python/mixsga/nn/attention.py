@@ -23,6 +23,7 @@ from .._checks import (
     shape_str,
 )
 from .._kv_fraction import kv_fraction
+from .aux_gradient import AuxScale, attach
 from .functional import apply_rope_cos_sin, default_positions, padding_attention_mask, rope_angles, rotate
 from .router import ExpertChoiceRouter
 from .shared_group_kv import compact_kv, grouped_kv, pooling_error
@@ -78,6 +79,15 @@ class MixSGAAttention(nn.Module):
             "router" (default, the paper: the router's scores) or "pooling_error" (each token's K/V
             pooling error, ``pooling_error``: tokens that pooling damages most keep the most heads; the
             aux loss then trains the router, whose argmax routes decode, to predict that assignment).
+        aux_in_backward: deliver the aux loss through backward instead of returning it for the caller to add
+            (default False): the output passes through unchanged and, in backward, the router also receives
+            ``aux_backward_scale * d(aux_alpha * L_aux)``, so any loss backpropagated through the layer trains
+            the router; the returned aux loss is then detached (a value to log: adding it to the loss cannot
+            count it twice). Converted Hugging Face models turn it on (``mixsga.hf``).
+
+    Attributes:
+        aux_backward_scale: with aux_in_backward, the factor of the aux gradient (float, default 1.0): what
+            the training loop's loss normalisation implies, e.g. 1 / gradient-accumulation steps.
 
     Submodules: q_proj nn.Linear(D, Hq*d); k_proj, v_proj nn.Linear(D, Hkv*d) (shared by all experts);
     o_proj nn.Linear(Hq*d, D); router ExpertChoiceRouter (proj nn.Linear(D, E)).
@@ -100,6 +110,7 @@ class MixSGAAttention(nn.Module):
         attention_dropout: float = 0.0,
         key_scale: str = "none",
         routing_signal: str = "router",
+        aux_in_backward: bool = False,
     ) -> None:
         super().__init__()
         check_positive(hidden_size, "hidden_size")
@@ -128,6 +139,10 @@ class MixSGAAttention(nn.Module):
             raise ValueError(f"rope_theta: must be finite and > 0, got {rope_theta}")
         self.key_scale = check_key_scale(key_scale)
         self.routing_signal = check_routing_signal(routing_signal)
+        if not isinstance(aux_in_backward, bool):
+            raise TypeError(f"aux_in_backward: expected a bool, got {aux_in_backward!r}")
+        self.aux_in_backward = aux_in_backward
+        self._aux_backward_scale = 1.0
 
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = (
             hidden_size,
@@ -151,6 +166,16 @@ class MixSGAAttention(nn.Module):
         )
 
     @property
+    def aux_backward_scale(self) -> float:
+        return self._aux_backward_scale
+
+    @aux_backward_scale.setter
+    def aux_backward_scale(self, scale: float) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"aux_backward_scale: must be finite and >= 0, got {scale!r}")
+        self._aux_backward_scale = float(scale)
+
+    @property
     def aux_loss_kind(self) -> str:
         return self.router.aux_loss_kind
 
@@ -164,7 +189,7 @@ class MixSGAAttention(nn.Module):
             f"head_dim={self.head_dim}, group_sizes={self.group_sizes}, ratios={self.ratios}, "
             f"kv_fraction={self.kv_fraction():.4g}, aux_loss={self.aux_loss_kind!r}, aux_alpha={self.aux_alpha}, "
             f"prefill_routing={self.prefill_routing!r}, key_scale={self.key_scale!r}, "
-            f"routing_signal={self.routing_signal!r}"
+            f"routing_signal={self.routing_signal!r}, aux_in_backward={self.aux_in_backward}"
         )
 
     def forward(
@@ -237,7 +262,14 @@ class MixSGAAttention(nn.Module):
         expert_idx = self.router.argmax_route(scores) if self.prefill_routing == "argmax" else target
         aux = zero if self.aux_alpha == 0.0 else self.router.aux_loss(logits, target, valid) * self.aux_alpha
         out = self._attend(x, expert_idx, valid, positions, cache, layer_idx, True, rope)
+        if self.aux_in_backward and aux.requires_grad:
+            out, aux = attach(out, aux, self._aux_scale()), aux.detach()
         return MixSGAOutput(out, aux, expert_idx, target)
+
+    def _aux_scale(self) -> AuxScale:
+        """The AuxScale of this call (aux_in_backward): the layer's own ``aux_backward_scale``; the Hugging
+        Face layer shares one per model forward."""
+        return AuxScale(fallback=self.aux_backward_scale)
 
     def _importance(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """What expert choice ranks ([B, L, E]): the router's scores, or every expert's column set to the

@@ -2,7 +2,7 @@
 
 - ``TrainConfig`` and ``train(model, data, config, ...)``: AdamW(0.9, 0.95), cosine schedule with linear
   warmup, gradient clipping, gradient accumulation, fp32 or bf16 autocast, the aux loss of every mixSGA
-  layer (``mixsga.hf.aux_loss``: alpha / N_layers summed over layers), tqdm progress, checkpoints written
+  layer (alpha / N_layers summed over layers, in a converted model's ``outputs.loss``), tqdm progress, checkpoints written
   atomically and resumed exactly, and DDP when launched by ``torchrun`` (gloo on CPU, nccl on GPU).
 - ``cosine_with_warmup``: the learning-rate multiplier.
 - ``TokenBlocks``: a token stream cut into fixed-length training blocks, split into train / held-out.

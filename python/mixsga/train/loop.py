@@ -82,12 +82,26 @@ class TrainResult:
 
 
 def _default_aux_loss(model: torch.nn.Module) -> torch.Tensor:
+    """The aux loss the loop must add itself: that of mixSGA layers which return it with its graph
+    (``aux_in_backward=False``); 0 for models whose layers send it through backward (their ``outputs.loss``
+    holds it already) and for models without mixSGA layers."""
     try:
         from ..hf import aux_loss, is_converted
     except ImportError:  # transformers not installed: no mixSGA HF layers either
         return torch.zeros(())
     # Base and GQA models train with the same loop; hf.aux_loss itself rejects them (a likely mistake there).
-    return aux_loss(model) if is_converted(model) else torch.zeros(())
+    if not is_converted(model) or _loss_holds_aux(model):
+        return torch.zeros(())
+    return aux_loss(model)
+
+
+def _loss_holds_aux(model: torch.nn.Module) -> bool:
+    """Whether the model's training ``outputs.loss`` holds its aux loss (converted with aux_in_backward)."""
+    try:
+        from ..hf import is_converted, mixsga_layers
+    except ImportError:
+        return False
+    return is_converted(model) and all(m.aux_in_backward for m in mixsga_layers(model))
 
 
 def _param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
@@ -161,8 +175,10 @@ def train(
 ) -> TrainResult:
     """Trains a causal LM (``model(input_ids=..., labels=...).loss``, Hugging Face style) in place.
 
-    Loss per micro-batch = LM loss + ``aux_loss_fn(model)`` (default ``mixsga.hf.aux_loss``: the mean of
-    the mixSGA layers' aux losses, i.e. alpha / N_layers summed over layers; 0 for other models).
+    Loss per micro-batch = ``outputs.loss`` + ``aux_loss_fn(model)``. A converted model's ``outputs.loss``
+    already holds its aux loss (the mean of the mixSGA layers' aux losses, i.e. alpha / N_layers summed over
+    layers), whose gradient its layers send through backward; the default ``aux_loss_fn`` adds it only for
+    layers built with ``aux_in_backward=False``. The logged "loss" is the LM loss, "aux" the aux loss.
     Under torchrun pass ``ctx = init_distributed()``: the model is wrapped in DDP and each rank trains on
     its own batches; rank 0 writes checkpoints and shows progress. Progress (``config.progress``) goes to
     ``stream`` (default ``sys.stdout``): a line with the settings and the model's ratios and KV budget, then
@@ -199,6 +215,7 @@ def train(
         torch.autocast(ctx.device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
     )
     forward_kwargs = no_cache_kwargs(model)
+    loss_holds_aux = _loss_holds_aux(model)
     stream = sys.stdout if stream is None else stream
     show = config.progress and ctx.is_main
     bar = None
@@ -222,11 +239,13 @@ def train(
             sync = micro == config.grad_accum - 1 or not ctx.enabled
             with (contextlib.nullcontext() if sync else net.no_sync()):
                 with autocast:  # the forward only: backward runs in the forward's dtypes
-                    lm = net(input_ids=batch, labels=batch, **forward_kwargs).loss
-                    aux = aux_loss_fn(model).to(lm.device, torch.float32)
-                ((lm.float() + aux) / config.grad_accum).backward()
-            lm_total += float(lm.detach()) / config.grad_accum
-            aux_total += float(aux.detach()) / config.grad_accum
+                    out = net(input_ids=batch, labels=batch, **forward_kwargs)
+                    extra = aux_loss_fn(model).to(out.loss.device, torch.float32)
+                # outputs.loss / grad_accum: the layers read the 1 / grad_accum from backward (mixsga.hf.hooks).
+                ((out.loss.float() + extra) / config.grad_accum).backward()
+            included = float(out["aux_loss"]) if loss_holds_aux else 0.0
+            lm_total += (float(out.loss.detach()) - included) / config.grad_accum
+            aux_total += (included + float(extra.detach())) / config.grad_accum
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()

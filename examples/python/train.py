@@ -3,11 +3,15 @@
 A small Llama (transformers.LlamaConfig; sizes below) is converted with `mixsga.hf.convert` (or
 `mixsga.hf.to_gqa` for --ratios gqa) and trained on Debian's jargon-text + fortunes with AdamW(0.9, 0.95),
 cosine schedule with warmup, clipping, accumulation, fp32/bf16 and the aux loss of every layer. A
-checkpoint is written atomically to <out>/checkpoint.pt; running the same command again resumes from it.
-The same command runs under DDP (gloo on CPU, nccl on GPU):
+checkpoint is written atomically to <out>/checkpoint.pt; running the same command again resumes from it
+(with other --ratios, or another model, it refuses, naming what changed). The same command runs under DDP
+or FSDP2 (--parallel; gloo on CPU, nccl on GPU):
 
     PYTHONPATH=build/python .venv/bin/python examples/python/train.py --steps 50 --out out/train
-    PYTHONPATH=build/python .venv/bin/torchrun --nproc_per_node=2 examples/python/train.py --steps 50
+    PYTHONPATH=build/python .venv/bin/torchrun --nproc_per_node=2 examples/python/train.py --steps 50 --parallel fsdp2
+
+To fine-tune a model of your own (a Hugging Face folder or the offline SmolLM2) on your files, use the
+`mixsga-train` command (python -m mixsga.train --help).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def main() -> int:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast forward")
+    p.add_argument("--parallel", choices=("ddp", "fsdp2"), default="ddp",
+                   help="under torchrun: DDP, or FSDP2 (parameters sharded per decoder layer)")
     p.add_argument("--aux-alpha", type=float, default=0.1, help="aux-loss weight alpha")
     p.add_argument("--aux-loss", choices=("sigmoid_ce", "logit_ce", "bce"), default="sigmoid_ce",
                    help="router aux loss")
@@ -109,12 +115,14 @@ def main() -> int:
               f"{args.vocab}, blocks of {args.block} tokens; {layout}; KV budget {budget:.1f} % of the full cache",
               flush=True)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         precision=args.precision, checkpoint_path=str(out / "checkpoint.pt"),
+                         precision=args.precision, parallel=args.parallel, checkpoint_path=str(out / "checkpoint.pt"),
                          checkpoint_every=args.checkpoint_every, log_every=args.log_every, description="train")
     result = train(model, data, config, ctx=ctx)
+    sharded = ctx.enabled and args.parallel == "fsdp2"
     if ctx.is_main:
-        ppl = perplexity(model, data.held_out[:16])
-        print(f"[train] {result.steps} steps in {result.seconds:.1f} s; held-out ppl {ppl:.2f}; "
+        # FSDP2: rank 0 alone cannot run the sharded model (mixsga-train evaluates a gathered copy).
+        ppl = "n/a (sharded)" if sharded else f"{perplexity(model, data.held_out[:16]):.2f}"
+        print(f"[train] {result.steps} steps in {result.seconds:.1f} s; held-out ppl {ppl}; "
               f"checkpoint {config.checkpoint_path}")
     if ctx.enabled:
         torch.distributed.destroy_process_group()

@@ -1,7 +1,7 @@
 #include "mixsga/nn/attention.h"
-#include <torch/csrc/autograd/custom_function.h>
 
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 

@@ -356,14 +356,17 @@ void bind_attention(py::module_& m) {
         d["aux_in_backward"] = o.aux_in_backward();
         return d;
       })
-      .def_property(
-          "aux_backward_scale", [](const MixSGAAttentionImpl& a) { return a.options.aux_backward_scale(); },
+      // A method, not a property: torch's Python wrapper of C++ modules copies the C++ object's attributes
+      // when it is made (a property would read stale) and keeps attribute writes for itself; methods reach
+      // the C++ object.
+      .def(
+          "set_aux_backward_scale",
           [](MixSGAAttentionImpl& a, double scale) {
             TORCH_CHECK_VALUE(std::isfinite(scale) && scale >= 0.0,
                               fmt::format("aux_backward_scale: must be finite and >= 0, got {}", scale));
             a.options.aux_backward_scale(scale);
           },
-          "With aux_in_backward: the factor of the aux gradient (default 1).");
+          py::arg("scale"), "With aux_in_backward: the factor of the aux gradient (default 1).");
 }
 
 }  // namespace

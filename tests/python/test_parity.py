@@ -280,3 +280,32 @@ def test_rope_override_and_explicit_positions_match_through_prefill_chunk_and_de
     # The override is used: plain RoPE gives other outputs.
     plain = py(x[:, :7], None, positions[:, :7])[0]
     assert not torch.allclose(plain, outs["py"][0], atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[6]])
+def test_aux_in_backward_sends_the_same_aux_gradient_in_both(config):
+    # aux_in_backward: the output carries aux_backward_scale * d aux; the returned aux is a detached value.
+    # Reference: the layer without it, its aux loss added to the loss by hand at the same scale.
+    py, cpp = twins(torch.float64, aux_in_backward=True, **config)
+    explicit = MixSGAAttention(**config).to(torch.float64)
+    explicit.load_state_dict(py.state_dict())
+    py.set_aux_backward_scale(0.25)
+    cpp.set_aux_backward_scale(0.25)
+    assert py.aux_backward_scale == 0.25
+    x, mask = inputs(2, 10, config["hidden_size"], torch.float64, True)
+    grads = {}
+    for name, layer in (("py", py), ("cpp", cpp), ("explicit", explicit)):
+        out, aux = layer(x, mask)
+        assert aux.requires_grad == (name == "explicit" and config.get("aux_alpha", 0.1) > 0)
+        (out.square().sum() + (0.25 * aux if name == "explicit" else 0.0)).backward()
+        grads[name] = {n: p.grad for n, p in layer.named_parameters()}
+    if config.get("aux_alpha", 0.1) > 0:
+        assert grads["py"]["router.proj.weight"].abs().sum() > 0
+    for name in ("py", "cpp"):
+        for n, g in grads["explicit"].items():
+            torch.testing.assert_close(grads[name][n], g, rtol=1e-10, atol=1e-12, msg=f"{name} {n}")
+    assert cpp.options["aux_in_backward"] is True and "aux_in_backward=True" in repr(py)
+    assert "aux_in_backward=true" in repr(cpp).lower()
+    for layer in (py, cpp):
+        with pytest.raises(ValueError, match="aux_backward_scale: must be finite and >= 0, got -1"):
+            layer.set_aux_backward_scale(-1.0)

@@ -69,7 +69,7 @@ struct MixSGAAttentionOptions {
   TORCH_ARG(bool, aux_in_backward) = false;
   /// With aux_in_backward, the factor of the aux gradient: what the training loop's loss normalisation
   /// implies, e.g. 1 / gradient-accumulation steps. Default 1. May be changed between steps
-  /// (`layer->options.aux_backward_scale(s)`).
+  /// (`layer->options.aux_backward_scale(s)`; Python: `set_aux_backward_scale(s)`).
   TORCH_ARG(double, aux_backward_scale) = 1.0;
 };
 

@@ -6,11 +6,17 @@
 - Training: any loop trains the routers (the aux loss reaches them through backward; ``outputs.aux_loss``
   reports it); ``set_aux_loss_scale(model, 1 / steps)`` for loops that never backpropagate
   ``outputs.loss`` and accumulate gradients (TRL). ``aux_loss(model)``, ``mixsga_layers(model)``,
-  ``kv_fraction(model)``: for logging and analysis; ``AuxLossCallback``: the aux loss in a ``Trainer``'s logs.
+  ``kv_fraction(model)``: for logging and analysis; ``causal_routing(model)``: a context in which a forward
+  over whole sequences routes as decoding does (causal argmax) instead of by expert choice; ``AuxLossCallback``: the aux loss in a ``Trainer``'s logs.
 - ``from_pretrained(path)``: reloads a converted model saved with ``save_pretrained``. Importing this
   subpackage also registers the saved model types ("mixsga_llama", ...) with transformers, so
-  ``AutoModelForCausalLM.from_pretrained(path)`` gives the same converted model; without the import
-  transformers refuses the unknown model type (it never loads such a folder as a vanilla model).
+  ``AutoModelForCausalLM.from_pretrained(path)`` gives the same converted model. The folder also holds a
+  small custom-code module (``auto_map``), so tools that never import mixsga (lm-eval, TRL's command line)
+  load it with ``trust_remote_code=True``; without either, transformers refuses it (it never loads such a
+  folder as a vanilla model).
+- PEFT: ``lora_config(...)`` (a LoraConfig whose ``modules_to_save`` holds the routers,
+  ``peft_modules_to_save``); ``train_key_scales(peft_model)`` unfreezes learned key scales. LoRA on k_proj /
+  v_proj acts through the effective weight W + scaling * B @ A.
 - ``prepare(model, blocks)``: calibrates pooled-key scales and warm-starts the routers on a few batches
   (``calibrate_key_scale``, ``warm_start_routers``); ``RECOMMENDED``: the quality extensions to convert
   with (docs/METHOD.md).
@@ -23,7 +29,8 @@ from .cache import MixSGACache
 from .config import MixSGASettings
 from .convert import SUPPORTED_MODEL_TYPES, convert, is_converted, to_gqa
 from .hooks import set_aux_loss_scale
-from .layers import aux_loss, kv_fraction, mixsga_layers
+from .layers import aux_loss, causal_routing, kv_fraction, mixsga_layers
+from .peft import lora_config, peft_modules_to_save, train_key_scales
 from .prepare import RECOMMENDED, calibrate_key_scale, prepare, warm_start_routers
 from .pretrained import from_pretrained
 from .trainer import AuxLossCallback
@@ -38,13 +45,17 @@ __all__ = [
     "MixSGASettings",
     "aux_loss",
     "calibrate_key_scale",
+    "causal_routing",
     "convert",
     "from_pretrained",
     "is_converted",
     "kv_fraction",
+    "lora_config",
     "mixsga_layers",
+    "peft_modules_to_save",
     "prepare",
     "set_aux_loss_scale",
     "to_gqa",
+    "train_key_scales",
     "warm_start_routers",
 ]

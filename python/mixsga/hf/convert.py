@@ -142,6 +142,17 @@ def is_converted(model: nn.Module) -> bool:
 
 def _base_model(model: nn.Module, caller: str):
     """(the decoder stack holding ``.layers``, its config), after checking the model family."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        # PEFT would not know the routers (not trained, not saved with the adapter): convert first.
+        raise TypeError(
+            f"model: {caller} needs the transformers model, got a PEFT {type(model).__name__}; {caller} the base "
+            "model first, then wrap it: peft.get_peft_model(model, mixsga.hf.lora_config(...))"
+        )
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise TypeError(
+            f"model: {caller} needs unsharded parameters, got a model sharded with FSDP/DTensor; {caller} first, "
+            "then shard (mixsga.train.shard_fsdp2)"
+        )
     config = getattr(model, "config", None)
     model_type = base_model_type(config)  # a converted model's config says "mixsga_llama": its family is "llama"
     if model_type not in SUPPORTED_MODEL_TYPES:

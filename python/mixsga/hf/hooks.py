@@ -20,6 +20,7 @@ of the paper's loss, LM + alpha / N_layers * sum_l L_aux, on the loop's global b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import types
@@ -131,8 +132,10 @@ def _refuse_packed(kwargs: dict, positions, mask, past) -> None:
     if past is not None and past.get_seq_length() > 0:
         return  # a continuation: the cache checks that positions continue its sequences
     step = positions[:, 1:] - positions[:, :-1]
-    both = torch.ones_like(step, dtype=torch.bool) if mask is None else (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
-    bad = (both & (step != 1)).nonzero()
+    if mask is None:  # a restart goes back; a step of 0 is left padding given positions but no mask
+        bad = (step < 0).nonzero()
+    else:  # the real tokens of a row are one sequence: consecutive positions
+        bad = ((mask[:, 1:] != 0) & (mask[:, :-1] != 0) & (step != 1)).nonzero()
     if bad.numel() > 0:
         b, t = int(bad[0, 0]), int(bad[0, 1]) + 1
         raise ValueError(
@@ -197,7 +200,7 @@ def _forward_with_aux(self, *args, **kwargs):
     if not values:
         return out
     aux = torch.stack([v.detach() for v in values]).mean()  # float32 (float64 for a float64 model)
-    out["aux_loss"] = aux
+    out = _with_aux_field(type(out))(**out, aux_loss=aux)
     loss = out.get("loss")
     # Layers without aux_in_backward return the aux loss for the caller to add (with its graph): not here.
     if loss is not None and self.training and scale is not None and all(m.aux_in_backward for m in layers):
@@ -208,6 +211,19 @@ def _forward_with_aux(self, *args, **kwargs):
         out["loss"] = loss + (aux * scale.weight).to(loss.dtype) + loss_tokens(scale, loss).to(loss.dtype)
         scale.tokens = []  # read once; the layers' backward nodes keep the scale itself
     return out
+
+
+@functools.cache
+def _with_aux_field(output_class: type) -> type:
+    """The model's output dataclass (e.g. CausalLMOutputWithPast) plus an ``aux_loss`` field. A declared field,
+    not an added key: DDP and others rebuild outputs from their fields (``type(out)(**fields)``)."""
+    if not dataclasses.is_dataclass(output_class) or "aux_loss" in {f.name for f in dataclasses.fields(output_class)}:
+        return output_class
+    return dataclasses.make_dataclass(
+        f"MixSGA{output_class.__name__}", [("aux_loss", "torch.FloatTensor | None", dataclasses.field(default=None))],
+        bases=(output_class,),
+        namespace={"__doc__": f"{output_class.__name__} plus the mixSGA aux loss.", "__module__": __name__},
+    )
 
 
 def _label_share(labels, shift_labels, num_items) -> float:
@@ -226,9 +242,9 @@ def _label_share(labels, shift_labels, num_items) -> float:
 
 def _wrap_generation(model: nn.Module, num_layers: int) -> None:
     """Makes ``generate`` create a MixSGACache (transformers would create a DynamicCache)."""
-    if not hasattr(model, "_prepare_cache_for_generation"):
+    original = getattr(type(model), "_prepare_cache_for_generation", None)
+    if original is None:
         return
-    original = type(model)._prepare_cache_for_generation
 
     def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
         result = original(self, generation_config, model_kwargs, *args, **kwargs)

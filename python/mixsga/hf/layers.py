@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -60,3 +63,28 @@ def kv_fraction(model: nn.Module) -> float:
     ``sum_e ratios[e] / group_sizes[e]``; 1.0 for a model without mixSGA layers."""
     layers = mixsga_layers(model)
     return 1.0 if not layers else sum(m.kv_fraction() for m in layers) / len(layers)
+
+
+@contextlib.contextmanager
+def causal_routing(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every mixSGA layer of ``model`` routes a prompt the way decoding routes tokens: each
+    token by its router's argmax, causally (``prefill_routing="argmax"``). Outside it, a forward over whole
+    sequences (``model(ids, labels=ids)``, prefill) routes by expert choice, which ranks every token of a
+    sequence against the others (non-causal, capacity-exact). Use it to evaluate what generation will do:
+    ``with mixsga.hf.causal_routing(model): ppl = perplexity(model, blocks)``.
+
+    Raises:
+        TypeError: ``model`` has no mixSGA layers.
+    """
+    layers = mixsga_layers(model)
+    if not layers:
+        raise TypeError(f"model: causal_routing needs a model converted to mixSGA, got a {type(model).__name__} "
+                        "without mixSGA layers")
+    saved = [layer.prefill_routing for layer in layers]
+    try:
+        for layer in layers:
+            layer.prefill_routing = "argmax"
+        yield model
+    finally:
+        for layer, routing in zip(layers, saved):
+            layer.prefill_routing = routing

@@ -33,6 +33,8 @@ from .layers import mixsga_layers
 
 #: What ``modules_to_save`` must hold for PEFT to train and save a converted model's routers.
 ROUTER_MODULES = ("router",)
+#: PEFT's default LoRA targets for the supported families, used when ``target_modules`` is not given.
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
 #: Example module key, to test a regex ``target_modules`` against (PEFT full-matches regexes on keys).
 _KV_KEYS = ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
 
@@ -48,8 +50,9 @@ def peft_modules_to_save(modules_to_save: Iterable[str] | None = None) -> list[s
 
 def lora_config(**kwargs):
     """``peft.LoraConfig(**kwargs)`` for a converted model, with "router" added to ``modules_to_save``
-    (``peft_modules_to_save``). Pass ``train_key_scales(peft_model)`` after ``get_peft_model`` to train
-    learned key scales too.
+    (``peft_modules_to_save``) and, without ``target_modules``, PEFT's default targets for the family
+    (q_proj, v_proj), which PEFT itself cannot find for a converted model's ``model_type``. Call
+    ``train_key_scales(peft_model)`` after ``get_peft_model`` to train learned key scales too.
 
     Raises:
         ValueError: ``lora_dropout`` > 0 or ``use_dora=True`` while ``target_modules`` names k_proj or
@@ -59,7 +62,11 @@ def lora_config(**kwargs):
     import peft  # the top-level package (absolute import): only this function needs it
 
     kwargs["modules_to_save"] = peft_modules_to_save(kwargs.get("modules_to_save"))
-    kv = _targeted_kv(kwargs.get("target_modules"))
+    if kwargs.get("target_modules") is None and kwargs.get("target_parameters") is None:
+        # PEFT looks its default up by model_type, which a converted model changes ("mixsga_llama"): give the
+        # default of every supported family (Llama, Mistral, Qwen2, OPT) explicitly.
+        kwargs["target_modules"] = list(DEFAULT_TARGET_MODULES)
+    kv = _targeted_kv(kwargs["target_modules"])
     dropout = kwargs.get("lora_dropout", 0.0)
     if kv and dropout:
         raise ValueError(
@@ -78,8 +85,6 @@ def lora_config(**kwargs):
 def _targeted_kv(target_modules) -> str | None:
     """Which of k_proj / v_proj ``target_modules`` (PEFT's forms: list of suffixes, regex, "all-linear")
     reaches, as "k_proj" / "v_proj" / "k_proj and v_proj", or None."""
-    if target_modules is None:
-        return None
     if isinstance(target_modules, str):
         hit = [k for k in _KV_KEYS if target_modules == "all-linear" or re.fullmatch(target_modules, k)]
     else:

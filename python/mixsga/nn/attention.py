@@ -87,7 +87,8 @@ class MixSGAAttention(nn.Module):
 
     Attributes:
         aux_backward_scale: with aux_in_backward, the factor of the aux gradient (float, default 1.0): what
-            the training loop's loss normalisation implies, e.g. 1 / gradient-accumulation steps.
+            the training loop's loss normalisation implies, e.g. 1 / gradient-accumulation steps
+            (``set_aux_backward_scale``).
 
     Submodules: q_proj nn.Linear(D, Hq*d); k_proj, v_proj nn.Linear(D, Hkv*d) (shared by all experts);
     o_proj nn.Linear(Hq*d, D); router ExpertChoiceRouter (proj nn.Linear(D, E)).
@@ -167,10 +168,12 @@ class MixSGAAttention(nn.Module):
 
     @property
     def aux_backward_scale(self) -> float:
+        """With aux_in_backward: the factor of the aux gradient (default 1); set by ``set_aux_backward_scale``."""
         return self._aux_backward_scale
 
-    @aux_backward_scale.setter
-    def aux_backward_scale(self, scale: float) -> None:
+    def set_aux_backward_scale(self, scale: float) -> None:
+        """Sets ``aux_backward_scale`` (finite, >= 0): what the loop's loss normalisation implies, e.g.
+        1 / gradient-accumulation steps. A method, as on the C++ module."""
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0):
             raise ValueError(f"aux_backward_scale: must be finite and >= 0, got {scale!r}")
         self._aux_backward_scale = float(scale)

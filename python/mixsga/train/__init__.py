@@ -2,8 +2,9 @@
 
 - ``TrainConfig`` and ``train(model, data, config, ...)``: AdamW(0.9, 0.95), cosine schedule with linear
   warmup, gradient clipping, gradient accumulation, fp32 or bf16 autocast, the aux loss of every mixSGA
-  layer (alpha / N_layers summed over layers, in a converted model's ``outputs.loss``), tqdm progress, checkpoints written
-  atomically and resumed exactly, and DDP when launched by ``torchrun`` (gloo on CPU, nccl on GPU).
+  layer (alpha / N_layers summed over layers, in a converted model's ``outputs.loss``), tqdm progress,
+  checkpoints written atomically and resumed exactly, and DDP or FSDP2 (``TrainConfig.parallel``) when launched by ``torchrun``
+  (gloo on CPU, nccl on GPU); ``shard_fsdp2`` shards a model per decoder layer for loops of one's own.
 - ``cosine_with_warmup``: the learning-rate multiplier.
 - ``TokenBlocks``: a token stream cut into fixed-length training blocks, split into train / held-out.
 - ``perplexity``: held-out perplexity of a causal LM.
@@ -11,7 +12,7 @@
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import TokenBlocks
-from .distributed import DistributedContext, init_distributed
+from .distributed import DistributedContext, full_state, init_distributed, load_full_state, shard_fsdp2
 from .evaluate import perplexity
 from .loop import TrainConfig, TrainResult, train
 from .schedule import cosine_with_warmup
@@ -22,9 +23,12 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "cosine_with_warmup",
+    "full_state",
     "init_distributed",
     "load_checkpoint",
+    "load_full_state",
     "perplexity",
     "save_checkpoint",
+    "shard_fsdp2",
     "train",
 ]

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import TokenBlocks
-from .distributed import DistributedContext
+from .distributed import DistributedContext, full_state, load_full_state, shard_fsdp2
 from .evaluate import no_cache_kwargs
 from .schedule import cosine_with_warmup
 
@@ -34,7 +34,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  #: max global gradient norm (0 = no clipping)
-    precision: str = "fp32"  #: "fp32" or "bf16" (autocast)
+    precision: str = "fp32"  #: "fp32" or "bf16" (autocast: fp32 weights and optimizer, bf16 compute)
+    #: how several ranks (torchrun) share the work: "ddp" (a full model per rank, gradients all-reduced) or
+    #: "fsdp2" (parameters, gradients and optimizer state sharded per decoder layer, for models that do not
+    #: fit one device); one rank trains the same either way.
+    parallel: str = "ddp"
     seed: int = 0
     checkpoint_path: str | None = None  #: where to save (and resume from)
     checkpoint_every: int = 0  #: save every N steps (0 = only at the end when checkpoint_path is set)
@@ -56,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"lr: must be finite and > 0, got {self.lr}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision: must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp2"):
+            raise ValueError(f"parallel: must be 'ddp' or 'fsdp2', got {self.parallel!r}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
         if self.log_every < 1:
@@ -104,6 +110,32 @@ def _loss_holds_aux(model: torch.nn.Module) -> bool:
     return is_converted(model) and all(m.aux_in_backward for m in mixsga_layers(model))
 
 
+def _run_settings(model: torch.nn.Module, config: TrainConfig, settings: dict | None) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    model_config = getattr(model, "config", None)
+    run = {
+        "mixsga": getattr(model_config, "mixsga", None),  # group sizes, ratios, extensions (mixsga.hf.convert)
+        "num_key_value_heads": getattr(model_config, "num_key_value_heads", None),  # static GQA (to_gqa)
+        "batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
+        "parallel": config.parallel,
+    }
+    run.update(settings or {})
+    return run
+
+
+def _check_same_run(path: Path, stored: dict | None, current: dict) -> None:
+    if stored is None:  # a checkpoint of an earlier version, which recorded no settings
+        return
+    changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    if changed:
+        k = changed[0]
+        raise ValueError(
+            f"resume: the checkpoint {str(path)!r} is of a run with {k}={stored.get(k)!r}, this run has "
+            f"{k}={current.get(k)!r} (changed: {', '.join(changed)}); resume with the same settings, or train into "
+            "another checkpoint path"
+        )
+
+
 def _param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     """AdamW groups: decayed (>= 2-dim) and undecayed parameters at config.lr, then one such pair per
     lr_multipliers key (only the non-empty groups). Without multipliers the two groups are exactly the
@@ -145,7 +177,8 @@ def describe(model: torch.nn.Module, config: TrainConfig, world_size: int = 1, s
     """One line with the run's settings and the model's mixSGA layout (ratios, KV budget), printed at
     the start of ``train`` so a log says what it is a log of (``start``: the step a resumed run continues at)."""
     resumed = f" (resuming at step {start})" if start else ""
-    parts = [f"{config.steps} steps{resumed}, batch {config.batch_size} x accum {config.grad_accum} x {world_size} rank(s)",
+    ranks = f"{world_size} rank(s)" + (f" ({config.parallel})" if world_size > 1 else "")
+    parts = [f"{config.steps} steps{resumed}, batch {config.batch_size} x accum {config.grad_accum} x {ranks}",
              f"lr {config.lr:.2e} (warmup {config.warmup_steps}, min ratio {config.min_lr_ratio}, "
              f"weight decay {config.weight_decay}, clip {config.grad_clip})", config.precision]
     if config.lr_multipliers:
@@ -172,6 +205,7 @@ def train(
     aux_loss_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     ctx: DistributedContext | None = None,
     stream: TextIO | None = None,
+    settings: dict | None = None,
 ) -> TrainResult:
     """Trains a causal LM (``model(input_ids=..., labels=...).loss``, Hugging Face style) in place.
 
@@ -179,35 +213,46 @@ def train(
     already holds its aux loss (the mean of the mixSGA layers' aux losses, i.e. alpha / N_layers summed over
     layers), whose gradient its layers send through backward; the default ``aux_loss_fn`` adds it only for
     layers built with ``aux_in_backward=False``. The logged "loss" is the LM loss, "aux" the aux loss.
-    Under torchrun pass ``ctx = init_distributed()``: the model is wrapped in DDP and each rank trains on
-    its own batches; rank 0 writes checkpoints and shows progress. Progress (``config.progress``) goes to
+    Under torchrun pass ``ctx = init_distributed()``: the model is wrapped in DDP (or sharded with FSDP2,
+    ``config.parallel``) and each rank trains on its own batches; rank 0 writes checkpoints (full tensors, the
+    same file either way) and shows progress. Progress (``config.progress``) goes to
     ``stream`` (default ``sys.stdout``): a line with the settings and the model's ratios and KV budget, then
     a tqdm bar when the stream is a terminal, else a plain line every ``config.log_every`` steps (step,
     loss, aux, lr, tokens/s), so a log file stays readable. The forward runs with ``use_cache=False`` when
     the model takes it (a Hugging Face config defaults to caching, which would fill a throwaway cache).
     With ``config.checkpoint_path`` set
     and ``config.resume``, an existing checkpoint is loaded first and training continues exactly where it
-    stopped (model, optimizer, schedule, RNG and data order).
+    stopped (model, optimizer, schedule, RNG and data order). The checkpoint records the run's settings: the
+    model's mixSGA settings (or its KV heads), the batch layout and ``settings`` (a JSON-like dict of the
+    caller's, e.g. the data); resuming with any of them changed raises, naming what changed.
     """
     ctx = ctx or DistributedContext()
     aux_loss_fn = aux_loss_fn or _default_aux_loss
     torch.manual_seed(config.seed)
     model.to(ctx.device).train()
+    sharded = ctx.enabled and config.parallel == "fsdp2"
+    if sharded:  # before the optimizer, which must hold the sharded parameters
+        shard_fsdp2(model)
     optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps, config.min_lr_ratio)
     )
     start = 0
+    run_settings = _run_settings(model, config, settings)
     ckpt = Path(config.checkpoint_path) if config.checkpoint_path else None
     if ckpt is not None and config.resume and ckpt.is_file():
         state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _check_same_run(ckpt, state.get("settings"), run_settings)
+        if sharded:
+            load_full_state(model, optimizer, state["model"], state["optimizer"])
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start = int(state["step"])
 
-    net = DistributedDataParallel(model) if ctx.enabled else model
+    net = DistributedDataParallel(model) if ctx.enabled and not sharded else model
     batches = data.batches(config.batch_size, config.seed, ctx.rank, ctx.world_size)
     for _ in range(start * config.grad_accum):  # the data order continues where the checkpoint stopped
         next(batches)
@@ -236,7 +281,8 @@ def train(
         for micro in range(config.grad_accum):
             batch = next(batches).to(ctx.device)
             tokens_line += batch.numel() * ctx.world_size
-            sync = micro == config.grad_accum - 1 or not ctx.enabled
+            # DDP skips the all-reduce of all but the last micro-batch (FSDP2 reduces every one: still exact).
+            sync = micro == config.grad_accum - 1 or not ctx.enabled or sharded
             with (contextlib.nullcontext() if sync else net.no_sync()):
                 with autocast:  # the forward only: backward runs in the forward's dtypes
                     out = net(input_ids=batch, labels=batch, **forward_kwargs)
@@ -264,10 +310,14 @@ def train(
                   f"lr {scheduler.get_last_lr()[0]:.2e} tokens/s {tokens_line / max(now - t_line, 1e-9):.0f}",
                   file=stream, flush=True)
             t_line, tokens_line = now, 0
-        if ckpt is not None and ctx.is_main and (last or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
-            save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step + 1,
-                                   "config": asdict(config)})
+        if ckpt is not None and (last or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
+            # FSDP2: every rank takes part in gathering the full tensors; rank 0 writes them.
+            model_state, optimizer_state = (full_state(model, optimizer) if sharded
+                                            else (model.state_dict(), optimizer.state_dict()))
+            if ctx.is_main:
+                save_checkpoint(ckpt, {"model": model_state, "optimizer": optimizer_state,
+                                       "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step + 1,
+                                       "config": asdict(config), "settings": run_settings})
     if bar is not None:
         bar.close()
     result.seconds = time.perf_counter() - t0

@@ -121,36 +121,6 @@ def test_gradient_checkpointing_keeps_the_aux_gradient(reentrant):
     assert_grads_equal(grads(model), want, scale=0.5)
 
 
-def test_cpp_and_python_layers_deliver_the_same_aux_gradient():
-    from mixsga import _C
-    from mixsga.nn import MixSGAAttention
-
-    torch.manual_seed(0)
-    py = MixSGAAttention(32, 4, 4, group_sizes=GROUPS, ratios=RATIOS, aux_in_backward=True).double()
-    cpp = _C.MixSGAAttention(32, 4, 4, group_sizes=list(GROUPS), ratios=list(RATIOS), aux_in_backward=True).double()
-    cpp.load_state_dict(py.state_dict())
-    explicit = copy.deepcopy(py)
-    explicit.aux_in_backward = False
-    x = torch.randn(2, 10, 32, dtype=torch.float64)
-    py.aux_backward_scale = cpp.aux_backward_scale = 0.25
-    results = {}
-    for name, layer in (("py", py), ("cpp", cpp), ("explicit", explicit)):
-        out, aux = layer(x)
-        loss = out.square().sum() + (0.25 * aux if name == "explicit" else 0.0)
-        loss.backward()
-        assert not aux.requires_grad if name != "explicit" else aux.requires_grad
-        results[name] = {n: p.grad for n, p in layer.named_parameters()}
-    for name in ("py", "cpp"):
-        assert results[name]["router.proj.weight"].abs().sum() > 0
-        for n, g in results["explicit"].items():
-            torch.testing.assert_close(results[name][n], g, msg=f"{name} {n}")
-    with pytest.raises(ValueError, match="aux_backward_scale: must be finite and >= 0, got -1"):
-        cpp.aux_backward_scale = -1.0
-    with pytest.raises(ValueError, match="aux_backward_scale: must be finite and >= 0, got -1"):
-        py.aux_backward_scale = -1.0
-    assert cpp.options["aux_in_backward"] is True and "aux_in_backward=True" in repr(py)
-
-
 def test_a_training_forward_never_builds_a_cache():
     model = converted()
     assert model.config.use_cache
@@ -197,3 +167,23 @@ def test_bad_options_name_the_argument():
         mixsga.hf.set_aux_loss_scale(converted(), -1)
     with pytest.raises(TypeError, match="set_aux_loss_scale needs a model converted"):
         mixsga.hf.set_aux_loss_scale(tiny_model(), 1.0)
+
+
+def test_causal_routing_evaluates_what_decoding_does():
+    model = converted().eval()
+    ids = IDS[:1]
+    with torch.no_grad():
+        choice = model(ids).logits
+        with mixsga.hf.causal_routing(model):
+            causal = model(ids).logits
+            # Token by token through the compact cache: decode steps route by argmax; so does the first
+            # token's prefill here.
+            cache = mixsga.hf.MixSGACache(num_layers=2)
+            steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                     for t in range(ids.shape[1])]
+    torch.testing.assert_close(causal, torch.cat(steps, 1), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(choice, causal, atol=1e-6)
+    assert all(m.prefill_routing == "expert_choice" for m in mixsga.hf.mixsga_layers(model))  # restored
+    with pytest.raises(TypeError, match="causal_routing needs a model converted"):
+        with mixsga.hf.causal_routing(tiny_model()):
+            pass

@@ -93,10 +93,19 @@ def test_aux_loss_contract():
         target = layer.router.route(torch.sigmoid(logits))
         want.append(0.5 * layer.router.aux_loss(logits, target))
     torch.testing.assert_close(aux, torch.stack(want).mean())
-    # Only the aux loss trains the routers.
+    # Converted layers send the aux gradient through backward: outputs.loss (LM + aux) trains the routers,
+    # and the value aux_loss returns is detached (adding it cannot count it twice).
+    assert not aux.requires_grad and float(out.aux_loss) == pytest.approx(float(aux))
+    out.loss.backward()
+    assert all(m.router.proj.weight.grad.abs().sum() > 0 for m in layers)
+    # Layers that return it instead (aux_in_backward=False): only that aux loss trains the routers.
+    model.zero_grad()
+    for m in layers:
+        m.aux_in_backward = False
+    out = model(ids, labels=ids, use_cache=False)
     out.loss.backward(retain_graph=True)
     assert all(m.router.proj.weight.grad is None or not m.router.proj.weight.grad.any() for m in layers)
-    aux.backward()
+    mixsga.hf.aux_loss(model).backward()
     assert all(m.router.proj.weight.grad.abs().sum() > 0 for m in layers)
     # A decode step (non-empty cache) has no aux loss; an unconverted model has none.
     model.eval()
@@ -122,7 +131,7 @@ def test_bad_arguments_are_clear_errors():
         mixsga.hf.convert(tiny_model(), group_sizes=(1, 2), ratios=(1.0,))
     with pytest.raises(ValueError, match="prefill_routing"):
         mixsga.hf.convert(tiny_model(), group_sizes=(1, 2), ratios=(0.5, 0.5), prefill_routing="topk")
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(TypeError, match="convert: unexpected option 'alpha'"):
         mixsga.hf.convert(tiny_model(), group_sizes=(1, 2), ratios=(0.5, 0.5), alpha=0.1)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(TypeError, match=r"model: convert supports .* got GPT2LMHeadModel \(model_type 'gpt2'\)"):

@@ -157,6 +157,8 @@ def test_the_earlier_format_still_loads_with_mixsga_from_pretrained(tmp_path, fa
 
 
 def test_without_mixsga_transformers_refuses_instead_of_loading_a_vanilla_model(tmp_path):
+    # Without trust_remote_code transformers refuses the folder's custom code (its auto_map), and never
+    # falls back to a vanilla model; tests/python/ecosystem/test_remote_code.py loads it with it.
     converted("llama").save_pretrained(tmp_path)
     script = ("import sys, transformers\n"
               "try:\n"
@@ -167,7 +169,8 @@ def test_without_mixsga_transformers_refuses_instead_of_loading_a_vanilla_model(
               "    print('loaded')\n"
               "assert 'mixsga' not in sys.modules\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # stdin closed: transformers may ask whether to trust the code, which must read as "no" at once.
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
-                         timeout=300)
+                         timeout=300, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr
-    assert "refused:" in run.stdout and "mixsga_llama" in run.stdout, run.stdout
+    assert "refused:" in run.stdout and "trust_remote_code" in run.stdout, run.stdout

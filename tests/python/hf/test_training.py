@@ -47,9 +47,10 @@ def test_gradient_checkpointing_keeps_the_aux_gradient():
 
 
 def test_a_lost_aux_graph_is_a_clear_error():
-    # Reentrant checkpointing runs the layers under no_grad in forward: the aux loss would silently not
-    # train the routers.
-    model = mixsga.hf.convert(tiny_model(), group_sizes=(1, 2), ratios=(0.5, 0.5))
+    # Layers that return the aux loss for the loop to add (aux_in_backward=False; the default sends it
+    # through backward, which reentrant checkpointing keeps: tests/python/ecosystem): reentrant checkpointing
+    # runs them under no_grad in forward, so the aux loss would silently not train the routers.
+    model = mixsga.hf.convert(tiny_model(), group_sizes=(1, 2), ratios=(0.5, 0.5), aux_in_backward=False)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     ids = torch.randint(3, 64, (2, 16))

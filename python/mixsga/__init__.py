@@ -11,7 +11,8 @@ ops ``torch.ops.mixsga.*``, and registers their fake kernels so torch.compile ca
   ``mixsga.clear_kv_weight_cache``.
 - ``mixsga.HeteroKVCache`` / ``mixsga.HeteroKVCacheOptions``: the compact inference cache (the C++ class).
 - ``mixsga.ops``: typed entry points of the ops.
-- ``mixsga.kv_fraction(group_sizes, ratios)``: the KV budget of a configuration.
+- ``mixsga.kv_fraction(group_sizes, ratios)``: the KV budget of a configuration;
+  ``ratios_for_budget`` and ``fit_decode_offsets``: another budget at inference (``set_routing`` of a layer).
 - ``mixsga.hf`` (``import mixsga.hf``, needs transformers): convert Llama-family models, MixSGACache for
   ``generate``, aux loss, save/reload; ``mixsga.models``: load_gguf_llama (local GGUF files, offline).
 - ``mixsga._C``: the C++ modules themselves (pybind11), for parity checks and C++-built models.
@@ -20,6 +21,7 @@ ops ``torch.ops.mixsga.*``, and registers their fake kernels so torch.compile ca
 import os as _os
 
 from . import _fake_kernels, _library
+from ._budget import fit_decode_offsets, ratios_for_budget
 from ._kv_fraction import kv_fraction
 from ._library import library_path
 
@@ -43,9 +45,11 @@ __all__ = [
     "HeteroKVCacheOptions",
     "cmake_prefix_path",
     "clear_kv_weight_cache",
+    "fit_decode_offsets",
     "kv_fraction",
     "library_path",
     "nn",
     "ops",
+    "ratios_for_budget",
     "__version__",
 ]

@@ -46,6 +46,22 @@ def check_ratios(ratios: Sequence[float], num_experts: int | None = None, name: 
     return values
 
 
+def check_decode_offsets(offsets: Sequence[float] | None, num_experts: int) -> tuple[float, ...]:
+    """Returns the decode offsets as a tuple of floats: empty (None: no offsets) or one finite value per
+    expert."""
+    if offsets is None:
+        return ()
+    try:
+        values = tuple(float(v) for v in offsets)
+    except TypeError:
+        raise TypeError(f"decode_offsets: expected a sequence of floats or None, got {offsets!r}") from None
+    if values and len(values) != num_experts:
+        raise ValueError(f"decode_offsets: expected none or one per expert ({num_experts}), got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"decode_offsets: must be finite, got [{_join(values)}]")
+    return values
+
+
 def check_group_sizes(
     group_sizes: Sequence[int], num_kv_heads: int | None = None, name: str = "group_sizes"
 ) -> tuple[int, ...]:

@@ -73,7 +73,8 @@ void MixSGAAttentionImpl::reset() {
   v_proj = register_module("v_proj", kv->v_proj);
   o_proj = register_module("o_proj", torch::nn::Linear(torch::nn::LinearOptions(Hq * d, D).bias(o.bias())));
   router = register_module(
-      "router", ExpertChoiceRouter(ExpertChoiceRouterOptions(D, o.ratios()).aux_loss(o.aux_loss())));
+      "router", ExpertChoiceRouter(
+                    ExpertChoiceRouterOptions(D, o.ratios()).aux_loss(o.aux_loss()).decode_offsets(o.decode_offsets())));
   if (o.key_scale() == "learned") {
     key_log_scale = register_parameter("key_log_scale", torch::zeros({static_cast<int64_t>(o.group_sizes().size())}));
   }
@@ -91,6 +92,13 @@ void MixSGAAttentionImpl::pretty_print(std::ostream& stream) const {
 }
 
 double MixSGAAttentionImpl::kv_fraction() const { return mixsga::kv_fraction(options.group_sizes(), options.ratios()); }
+
+void MixSGAAttentionImpl::set_routing(std::vector<double> ratios, std::vector<double> decode_offsets) {
+  detail::check_ratios(ratios, static_cast<int64_t>(options.group_sizes().size()));
+  router->set_routing(ratios, decode_offsets);  // checks the offsets; changes nothing when it throws
+  options.ratios(std::move(ratios));
+  options.decode_offsets(std::move(decode_offsets));
+}
 
 torch::Tensor MixSGAAttentionImpl::key_scales() const {
   const auto& w = q_proj->weight;
@@ -347,7 +355,7 @@ namespace mixsga::nn {
 namespace {
 // aux_in_backward, aux_backward_scale: how the gradient is delivered, not the model, so not recorded.
 detail::OptionRecord option_record(const MixSGAAttentionOptions& o) {
-  return {{"hidden_size", fmt::format("{}", o.hidden_size())},
+  detail::OptionRecord record{{"hidden_size", fmt::format("{}", o.hidden_size())},
           {"num_heads", fmt::format("{}", o.num_heads())},
           {"num_kv_heads", fmt::format("{}", o.num_kv_heads())},
           {"head_dim", fmt::format("{}", o.head_dim())},
@@ -362,6 +370,11 @@ detail::OptionRecord option_record(const MixSGAAttentionOptions& o) {
           {"attention_dropout", fmt::format("{}", o.attention_dropout())},
           {"key_scale", o.key_scale()},
           {"routing_signal", o.routing_signal()}};
+  // decode_offsets: recorded only when set (checkpoints written before they existed still load).
+  if (!o.decode_offsets().empty()) {
+    record.emplace_back("decode_offsets", fmt::format("[{}]", fmt::join(o.decode_offsets(), ", ")));
+  }
+  return record;
 }
 }  // namespace
 

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -60,6 +61,14 @@ void check_options(torch::serialize::InputArchive& archive, std::string_view mod
     const std::string saved = stored_value(name);
     TORCH_CHECK_VALUE(saved == value, fmt::format("{}: the checkpoint's {} has {} = {}, the module has {} = {}", name,
                                                   module_kind, name, saved, name, value));
+  }
+  // An option the module records only when set (decode_offsets) must not be dropped silently either.
+  for (const auto& item : dict) {
+    const std::string name = item.key().toStringRef();
+    const bool known = name == "module" || std::any_of(options.begin(), options.end(),
+                                                       [&](const auto& o) { return o.first == name; });
+    TORCH_CHECK_VALUE(known, fmt::format("{}: the checkpoint's {} has {} = {}, the module has {} = <absent>", name,
+                                         module_kind, name, item.value().toStringRef(), name));
   }
 }
 

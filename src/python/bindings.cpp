@@ -59,6 +59,23 @@ void translate_c10_errors() {
   });
 }
 
+// set_routing / routing of the router and the attention layer (both keep ratios and decode offsets in
+// their options). routing() is a method because the Python wrapper copies attributes once, when made.
+template <typename Class>
+Class& add_routing(Class& cls) {
+  using Module = typename Class::type;
+  cls.def(
+         "set_routing",
+         [](Module& m, std::vector<double> ratios, std::optional<std::vector<double>> offsets) {
+           m.set_routing(std::move(ratios), offsets.value_or(std::vector<double>{}));
+         },
+         py::arg("ratios"), py::arg("decode_offsets") = py::none(),
+         "Replaces the capacity ratios (expert choice) and the decode offsets (causal argmax; None: none).")
+      .def("routing", [](const Module& m) { return py::make_tuple(m.options.ratios(), m.options.decode_offsets()); },
+           "(ratios, decode_offsets) as set now.");
+  return cls;
+}
+
 // torch::python::bind_module gives parameters() / named_parameters() / train() / to(), but
 // torch.nn.Module's state_dict() would recurse into the C++ children, which are not Python modules.
 // These make the C++ module interchangeable with its Python twin for checkpoints and parity tests.
@@ -126,13 +143,16 @@ py::tuple routing_tuple(const nn::MixSGAForwardResult& r) {
 void bind_router(py::module_& m) {
   using nn::ExpertChoiceRouterImpl;
   auto cls = torch::python::bind_module<ExpertChoiceRouterImpl, /*force_enable=*/true>(m, "ExpertChoiceRouter");
+  add_routing(cls);
   add_state_dict(cls)
-      .def(py::init([](int64_t hidden_size, std::vector<double> ratios, std::string aux_loss) {
-             return std::make_shared<ExpertChoiceRouterImpl>(
-                 nn::ExpertChoiceRouterOptions(hidden_size, std::move(ratios)).aux_loss(std::move(aux_loss)));
+      .def(py::init([](int64_t hidden_size, std::vector<double> ratios, std::string aux_loss,
+                       std::optional<std::vector<double>> decode_offsets) {
+             return std::make_shared<ExpertChoiceRouterImpl>(nn::ExpertChoiceRouterOptions(hidden_size, std::move(ratios))
+                                                                 .aux_loss(std::move(aux_loss))
+                                                                 .decode_offsets(decode_offsets.value_or(std::vector<double>{})));
            }),
            py::arg("hidden_size"), py::arg("ratios") = std::vector<double>{0.3, 0.1, 0.6},
-           py::arg("aux_loss") = "sigmoid_ce",
+           py::arg("aux_loss") = "sigmoid_ce", py::arg("decode_offsets") = py::none(),
            "Linear(hidden_size, E) + sigmoid router; E = len(ratios). Mirrors mixsga.nn.ExpertChoiceRouter.")
       .def("forward", &ExpertChoiceRouterImpl::forward, py::arg("x"), "Router logits: [*, D] -> [*, E].")
       .def("__call__", &ExpertChoiceRouterImpl::forward, py::arg("x"))
@@ -266,12 +286,13 @@ void bind_attention(py::module_& m) {
     return a.forward(x, mask, pos, cache, layer, rope);
   };
   auto cls = torch::python::bind_module<MixSGAAttentionImpl, /*force_enable=*/true>(m, "MixSGAAttention");
+  add_routing(cls);
   add_state_dict(cls)
       .def(py::init([](int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, std::optional<int64_t> head_dim,
                        std::vector<int64_t> group_sizes, std::vector<double> ratios, bool bias, double rope_theta,
                        std::string aux_loss, double aux_alpha, std::string prefill_routing, bool detach_router_input,
                        double attention_dropout, std::string key_scale, std::string routing_signal,
-                       bool aux_in_backward) {
+                       bool aux_in_backward, std::optional<std::vector<double>> decode_offsets) {
              // head_dim None means hidden_size / num_heads; the C++ options spell that 0, so 0 itself
              // must not slip through as "derive it".
              TORCH_CHECK_VALUE(!head_dim.has_value() || *head_dim > 0,
@@ -289,7 +310,8 @@ void bind_attention(py::module_& m) {
                                                               .attention_dropout(attention_dropout)
                                                               .key_scale(std::move(key_scale))
                                                               .routing_signal(std::move(routing_signal))
-                                                              .aux_in_backward(aux_in_backward));
+                                                              .aux_in_backward(aux_in_backward)
+                                                              .decode_offsets(decode_offsets.value_or(std::vector<double>{})));
            }),
            py::arg("hidden_size"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim") = py::none(),
            py::arg("group_sizes") = std::vector<int64_t>{1, 2, 4}, py::arg("ratios") = std::vector<double>{0.3, 0.1, 0.6},
@@ -297,6 +319,7 @@ void bind_attention(py::module_& m) {
            py::arg("aux_alpha") = 0.1, py::arg("prefill_routing") = "expert_choice",
            py::arg("detach_router_input") = false, py::arg("attention_dropout") = 0.0, py::arg("key_scale") = "none",
            py::arg("routing_signal") = "router", py::arg("aux_in_backward") = false,
+           py::arg("decode_offsets") = py::none(),
            "The C++ mixsga::nn::MixSGAAttention; same arguments, parameter names and shapes as "
            "mixsga.nn.MixSGAAttention.")
       .def("forward", forward, py::arg("hidden_states"), py::arg("attention_mask") = py::none(),
@@ -354,8 +377,10 @@ void bind_attention(py::module_& m) {
         d["key_scale"] = o.key_scale();
         d["routing_signal"] = o.routing_signal();
         d["aux_in_backward"] = o.aux_in_backward();
+        d["decode_offsets"] = o.decode_offsets();
         return d;
       })
+
       // A method, not a property: torch's Python wrapper of C++ modules copies the C++ object's attributes
       // when it is made (a property would read stale) and keeps attribute writes for itself; methods reach
       // the C++ object.
@@ -393,6 +418,11 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("group_sizes"), py::arg("ratios"),
         "KV budget relative to the base model: sum_e ratios[e] / group_sizes[e] (validates both).");
+  m.def("fit_decode_offsets", &nn::fit_decode_offsets, py::arg("scores"), py::arg("ratios"),
+        "Decode offsets [E] (a list) for which causal argmax routing of router scores [N, E] gives each expert "
+        "its share ratios[e] of the N tokens as closely as N allows (N >= 100 * E).");
+  m.def("ratios_for_budget", &nn::ratios_for_budget, py::arg("group_sizes"), py::arg("ratios"), py::arg("budget"),
+        "Capacity ratios with KV budget `budget` that keep the trained ratios' proportions as far as possible.");
   m.def("pool_kv_weight", &ops::pool_kv_weight, py::arg("weight"), py::arg("group_size"), py::arg("head_dim"),
         "Pools the rows of a K/V weight [Hkv*d, ...] (or bias) over groups of group_size heads.");
   m.def("apply_rope", &nn::apply_rope, py::arg("x"), py::arg("positions"), py::arg("theta") = 10000.0,

@@ -309,3 +309,52 @@ def test_aux_in_backward_sends_the_same_aux_gradient_in_both(config):
     for layer in (py, cpp):
         with pytest.raises(ValueError, match="aux_backward_scale: must be finite and >= 0, got -1"):
             layer.set_aux_backward_scale(-1.0)
+
+
+def test_decode_offsets_route_identically_in_both_and_zero_offsets_change_nothing():
+    g = torch.Generator().manual_seed(4)
+    scores = torch.rand(200, 3, generator=g, dtype=torch.float64)
+    scores[3, 1] = float("nan")  # NaN ranks lowest
+    scores[5] = 0.5  # a tie: the finer expert
+    offsets = [0.0, 0.15, -0.1]
+    for ratios in ([0.3, 0.1, 0.6], [0.5, 0.0, 0.5]):
+        plain = ExpertChoiceRouter(16, ratios)
+        zero = ExpertChoiceRouter(16, ratios, decode_offsets=[0.0, 0.0, 0.0])
+        assert torch.equal(plain.argmax_route(scores), zero.argmax_route(scores))  # float64, bitwise
+        py = ExpertChoiceRouter(16, ratios, decode_offsets=offsets)
+        cpp = _C.ExpertChoiceRouter(16, ratios, decode_offsets=offsets)
+        got = py.argmax_route(scores)
+        assert torch.equal(got, cpp.argmax_route(scores))
+        assert not torch.equal(got, plain.argmax_route(scores))
+    # Whole layers: prefill routed by argmax (as decoding routes), after set_routing, in both.
+    config = dict(hidden_size=64, num_heads=8, num_kv_heads=4, prefill_routing="argmax")
+    py, cpp = twins(torch.float64, **config)
+    for layer in (py, cpp):
+        layer.set_routing([0.2, 0.2, 0.6], offsets)
+    x, mask = inputs(2, 12, 64, torch.float64, True)
+    out_py, _, idx_py, _ = py.forward_with_routing(x, mask)
+    out_cpp, _, idx_cpp, _ = cpp.forward_with_routing(x, mask)
+    assert torch.equal(idx_py, idx_cpp)
+    torch.testing.assert_close(out_py, out_cpp)
+    assert py.ratios == (0.2, 0.2, 0.6) and py.decode_offsets == tuple(offsets)
+    assert cpp.routing() == ([0.2, 0.2, 0.6], offsets)
+    for layer in (py, cpp):
+        with pytest.raises(ValueError, match="decode_offsets: expected none or one per expert"):
+            layer.set_routing([0.2, 0.2, 0.6], [0.1])
+    assert py.ratios == (0.2, 0.2, 0.6) and cpp.routing() == ([0.2, 0.2, 0.6], offsets)  # unchanged
+
+
+def test_fit_decode_offsets_and_ratios_for_budget():
+    g = torch.Generator().manual_seed(5)
+    scores = torch.sigmoid(torch.randn(3000, 3, generator=g) + torch.tensor([1.0, 0.0, -0.5]))
+    for target in ((0.3, 0.1, 0.6), (0.6, 0.3, 0.1)):
+        offsets = mixsga.fit_decode_offsets(scores, target)
+        idx = ExpertChoiceRouter(16, target, decode_offsets=offsets).argmax_route(scores)
+        share = torch.bincount(idx, minlength=3).double() / idx.numel()
+        torch.testing.assert_close(share, torch.tensor(target, dtype=torch.float64), atol=2 / 3000, rtol=0)
+    r = mixsga.ratios_for_budget((1, 2, 4), (0.3, 0.1, 0.6), 0.3)
+    assert mixsga.kv_fraction((1, 2, 4), r) == pytest.approx(0.3, abs=1e-12)
+    with pytest.raises(ValueError, match=r"budget: must be in \[0.25, 1\] .* got 0.1"):
+        mixsga.ratios_for_budget((1, 2, 4), (0.3, 0.1, 0.6), 0.1)
+    with pytest.raises(ValueError, match="scores: 30 calibration tokens are too few"):
+        mixsga.fit_decode_offsets(scores[:30], (0.3, 0.1, 0.6))

@@ -67,6 +67,11 @@ struct MixSGAAttentionOptions {
   /// cannot count it twice). Not part of a checkpoint's options: it changes how the gradient is delivered,
   /// not the model.
   TORCH_ARG(bool, aux_in_backward) = false;
+  /// Per-expert offsets added to the router scores before the causal argmax (decode routing, and the
+  /// prefill with prefill_routing "argmax"); fitted on calibration text so that decoding realises `ratios`
+  /// (mixsga::nn::fit_decode_offsets; Python: mixsga.hf.calibrate_decode_routing / set_kv_budget). Empty
+  /// (default): none, the paper's plain argmax. Passed to the router; see set_routing.
+  TORCH_ARG(std::vector<double>, decode_offsets) = {};
   /// With aux_in_backward, the factor of the aux gradient: what the training loop's loss normalisation
   /// implies, e.g. 1 / gradient-accumulation steps. Default 1. May be changed between steps
   /// (`layer->options.aux_backward_scale(s)`; Python: `set_aux_backward_scale(s)`).
@@ -152,6 +157,11 @@ class MixSGAAttentionImpl : public torch::nn::Cloneable<MixSGAAttentionImpl> {
 
   /// KV budget of this layer relative to the base layer: sum_e ratios[e] / group_sizes[e].
   double kv_fraction() const;
+  /// Replaces the capacity ratios (prefill expert choice) and decode offsets (causal argmax) of this layer
+  /// and its router, e.g. to serve another KV budget without retraining (ratios_for_budget,
+  /// fit_decode_offsets). `decode_offsets`: empty or one finite value per expert. Invalid values are a
+  /// c10::ValueError naming the argument; nothing changes then.
+  void set_routing(std::vector<double> ratios, std::vector<double> decode_offsets);
   /// The factor each expert's pooled keys are multiplied by ([E], the parameters' dtype); undefined for
   /// key_scale "none".
   torch::Tensor key_scales() const;

@@ -17,6 +17,9 @@
 - PEFT: ``lora_config(...)`` (a LoraConfig whose ``modules_to_save`` holds the routers,
   ``peft_modules_to_save``); ``train_key_scales(peft_model)`` unfreezes learned key scales. LoRA on k_proj /
   v_proj acts through the effective weight W + scaling * B @ A.
+- KV memory you can set: ``calibrate_decode_routing(model, blocks)`` fits decode offsets so decoding realises
+  the configured ratios; ``set_kv_budget(model, blocks, budget)`` serves another budget without retraining;
+  ``realised_kv_budget(model, blocks)`` measures it.
 - ``prepare(model, blocks)``: calibrates pooled-key scales and warm-starts the routers on a few batches
   (``calibrate_key_scale``, ``warm_start_routers``); ``RECOMMENDED``: the quality extensions to convert
   with (docs/METHOD.md).
@@ -25,6 +28,7 @@ Needs ``transformers`` (imported by this subpackage only).
 """
 
 from .attention import PADDING_MASK_KWARG, HFMixSGAAttention
+from .budget import calibrate_decode_routing, realised_kv_budget, set_kv_budget, trained_ratios
 from .cache import MixSGACache
 from .config import MixSGASettings
 from .convert import SUPPORTED_MODEL_TYPES, convert, is_converted, to_gqa
@@ -44,6 +48,7 @@ __all__ = [
     "MixSGACache",
     "MixSGASettings",
     "aux_loss",
+    "calibrate_decode_routing",
     "calibrate_key_scale",
     "causal_routing",
     "convert",
@@ -54,8 +59,11 @@ __all__ = [
     "mixsga_layers",
     "peft_modules_to_save",
     "prepare",
+    "realised_kv_budget",
     "set_aux_loss_scale",
+    "set_kv_budget",
     "to_gqa",
+    "trained_ratios",
     "train_key_scales",
     "warm_start_routers",
 ]

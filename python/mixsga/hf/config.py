@@ -16,6 +16,7 @@ from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 from .._checks import (
     check_aux_loss_kind,
+    check_decode_offsets,
     check_group_sizes,
     check_key_scale,
     check_prefill_routing,
@@ -44,6 +45,10 @@ class MixSGASettings:
     key_scale: str = "none"
     routing_signal: str = "router"
     aux_in_backward: bool = True
+    #: The routing served now, when it is not the trained one (mixsga.hf.set_kv_budget,
+    #: calibrate_decode_routing): capacity ratios (None: ``ratios``) and per-layer decode offsets (None: none).
+    decode_ratios: tuple[float, ...] | None = None
+    decode_offsets: tuple[tuple[float, ...], ...] | None = None
 
     @classmethod
     def create(
@@ -57,6 +62,8 @@ class MixSGASettings:
         key_scale: str = "none",
         routing_signal: str = "router",
         aux_in_backward: bool = True,
+        decode_ratios: Sequence[float] | None = None,
+        decode_offsets: Sequence[Sequence[float]] | None = None,
     ) -> MixSGASettings:
         """Validated settings (group sizes strictly increasing, one ratio per expert summing to 1, ...)."""
         groups = check_group_sizes(group_sizes)
@@ -69,13 +76,24 @@ class MixSGASettings:
             raise TypeError(f"detach_router_input: expected a bool, got {detach_router_input!r}")
         if not isinstance(aux_in_backward, bool):
             raise TypeError(f"aux_in_backward: expected a bool, got {aux_in_backward!r}")
+        serving = None if decode_ratios is None else check_ratios(decode_ratios, len(groups), "decode_ratios")
+        offsets = None
+        if decode_offsets is not None:
+            offsets = tuple(check_decode_offsets(o, len(groups)) for o in decode_offsets)
         return cls(groups, values, check_aux_loss_kind(aux_loss), alpha, check_prefill_routing(prefill_routing),
                    detach_router_input, check_key_scale(key_scale), check_routing_signal(routing_signal),
-                   aux_in_backward)
+                   aux_in_backward, serving, offsets)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["group_sizes"], d["ratios"] = list(self.group_sizes), list(self.ratios)
+        for key in ("decode_ratios", "decode_offsets"):  # written only when set: older readers know no such keys
+            if d[key] is None:
+                del d[key]
+        if self.decode_ratios is not None:
+            d["decode_ratios"] = list(self.decode_ratios)
+        if self.decode_offsets is not None:
+            d["decode_offsets"] = [list(o) for o in self.decode_offsets]
         d["version"] = SETTINGS_VERSION
         return d
 

@@ -87,8 +87,14 @@ def convert(
             "the whole causal context, so outputs differ from the original beyond that many tokens",
             stacklevel=2,
         )
+    offsets = settings.decode_offsets
+    if offsets is not None and len(offsets) != len(base.layers):
+        raise ValueError(f"decode_offsets: expected one row per layer ({len(base.layers)}), got {len(offsets)}")
     for idx, layer in enumerate(base.layers):
         layer.self_attn = _mixsga_attention(layer.self_attn, idx, config, settings)
+        if settings.decode_ratios is not None or offsets is not None:  # a budget set at inference
+            layer.self_attn.set_routing(settings.decode_ratios or settings.ratios,
+                                        None if offsets is None else offsets[idx])
     for cfg in {id(c): c for c in (model.config, base.config)}.values():
         setattr(cfg, CONFIG_KEY, settings.to_dict())
         mark_converted(cfg)  # model_type "mixsga_<family>": save_pretrained's config.json is not a plain model's

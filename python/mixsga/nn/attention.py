@@ -84,6 +84,10 @@ class MixSGAAttention(nn.Module):
             ``aux_backward_scale * d(aux_alpha * L_aux)``, so any loss backpropagated through the layer trains
             the router; the returned aux loss is then detached (a value to log: adding it to the loss cannot
             count it twice). Converted Hugging Face models turn it on (``mixsga.hf``).
+        decode_offsets: per-expert offsets added to the router scores before the causal argmax (decode, and
+            prefill_routing="argmax"), fitted on calibration text so that decoding realises ``ratios``
+            (``mixsga.hf.calibrate_decode_routing``, ``mixsga.hf.set_kv_budget``). None (default): none, the
+            paper's plain argmax. Passed to the router; see ``set_routing``.
 
     Attributes:
         aux_backward_scale: with aux_in_backward, the factor of the aux gradient (float, default 1.0): what
@@ -112,6 +116,7 @@ class MixSGAAttention(nn.Module):
         key_scale: str = "none",
         routing_signal: str = "router",
         aux_in_backward: bool = False,
+        decode_offsets: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         check_positive(hidden_size, "hidden_size")
@@ -160,7 +165,7 @@ class MixSGAAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
-        self.router = ExpertChoiceRouter(hidden_size, self.ratios, aux_loss)
+        self.router = ExpertChoiceRouter(hidden_size, self.ratios, aux_loss, decode_offsets)
         # Registered last, so the parameters shared with the paper's layer keep their order.
         self.key_log_scale = (
             nn.Parameter(torch.zeros(len(self.group_sizes))) if self.key_scale == "learned" else None
@@ -185,6 +190,19 @@ class MixSGAAttention(nn.Module):
     def kv_fraction(self) -> float:
         """KV budget of this layer relative to the base layer: sum_e ratios[e] / group_sizes[e]."""
         return kv_fraction(self.group_sizes, self.ratios)
+
+    @property
+    def decode_offsets(self) -> tuple[float, ...]:
+        """The router's decode offsets (empty: none)."""
+        return self.router.decode_offsets
+
+    def set_routing(self, ratios: Sequence[float], decode_offsets: Sequence[float] | None = None) -> None:
+        """Replaces the capacity ratios (prefill expert choice) and decode offsets (causal argmax; None: none)
+        of the layer and its router, e.g. to serve another KV budget without retraining
+        (``mixsga.ratios_for_budget``, ``mixsga.fit_decode_offsets``). Nothing changes when a value is invalid."""
+        values = check_ratios(ratios, len(self.group_sizes))
+        self.router.set_routing(values, decode_offsets)  # checks the offsets first
+        self.ratios = values
 
     def extra_repr(self) -> str:
         return (

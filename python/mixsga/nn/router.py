@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_aux_loss_kind, check_positive, check_ratios, shape_str
+from .._checks import check_aux_loss_kind, check_decode_offsets, check_positive, check_ratios, shape_str
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -24,16 +24,25 @@ class ExpertChoiceRouter(nn.Module):
         aux_loss: "sigmoid_ce" (default; CE with the post-sigmoid scores as logits, the paper's literal
             form), "logit_ce" (CE on the logits) or "bce" (per-expert binary CE of the scores against the
             one-hot target).
+        decode_offsets: per-expert offsets added to the scores before the causal argmax (``argmax_route``),
+            fitted on calibration text so that decoding realises ``ratios`` (``mixsga.fit_decode_offsets``;
+            ``mixsga.hf.calibrate_decode_routing``). None (default): no offsets, the paper's plain argmax.
     """
 
     def __init__(
-        self, hidden_size: int, ratios: Sequence[float] = (0.3, 0.1, 0.6), aux_loss: str = "sigmoid_ce"
+        self,
+        hidden_size: int,
+        ratios: Sequence[float] = (0.3, 0.1, 0.6),
+        aux_loss: str = "sigmoid_ce",
+        decode_offsets: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         check_positive(hidden_size, "hidden_size")
         self.hidden_size = hidden_size
         self.ratios = check_ratios(ratios)
         self.aux_loss_kind = check_aux_loss_kind(aux_loss)
+        self.decode_offsets = check_decode_offsets(decode_offsets, len(self.ratios))
+        self._offsets_cache: dict = {}  # (dtype, device) -> [E] tensor: no host copy per decode step
         self.proj = nn.Linear(hidden_size, len(self.ratios))
         self.reset_parameters()
 
@@ -47,7 +56,15 @@ class ExpertChoiceRouter(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, ratios={self.ratios}, aux_loss={self.aux_loss_kind!r}"
+        offsets = f", decode_offsets={self.decode_offsets}" if self.decode_offsets else ""
+        return f"hidden_size={self.hidden_size}, ratios={self.ratios}, aux_loss={self.aux_loss_kind!r}{offsets}"
+
+    def set_routing(self, ratios: Sequence[float], decode_offsets: Sequence[float] | None = None) -> None:
+        """Replaces the capacity ratios (expert choice) and the decode offsets (causal argmax; None: none),
+        e.g. to serve another KV budget without retraining. Nothing changes when a value is invalid."""
+        values = check_ratios(ratios, self.num_experts)
+        offsets = check_decode_offsets(decode_offsets, self.num_experts)
+        self.ratios, self.decode_offsets, self._offsets_cache = values, offsets, {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits x @ phi^T + beta: [*, D] -> [*, E]."""
@@ -65,7 +82,7 @@ class ExpertChoiceRouter(nn.Module):
         return torch.ops.mixsga.route_expert_choice(scores.detach(), list(self.ratios), valid_mask)
 
     def argmax_route(self, scores: torch.Tensor) -> torch.Tensor:
-        """Causal per-token routing (METHOD.md step 3): scores [*, E] -> [*] int64.
+        """Causal per-token routing (METHOD.md step 3): scores [*, E] plus ``decode_offsets`` -> [*] int64.
 
         argmax returns the first maximum, so ties go to the finer expert, as in expert choice. NaN ranks
         lowest, as in expert choice. An expert whose ratio is 0 has no capacity and is never chosen: a
@@ -75,6 +92,11 @@ class ExpertChoiceRouter(nn.Module):
                 f"scores: expected last dim {self.num_experts} (experts), got shape {shape_str(scores.shape)}"
             )
         s = scores.detach()
+        if self.decode_offsets:  # NaN + offset stays NaN; zero offsets change nothing
+            key = (s.dtype, s.device)
+            if key not in self._offsets_cache:
+                self._offsets_cache[key] = torch.tensor(self.decode_offsets, dtype=torch.float64).to(s.device, s.dtype)
+            s = s + self._offsets_cache[key]
         s = torch.where(s.isnan(), torch.full_like(s, float("-inf")), s)
         closed = [e for e, r in enumerate(self.ratios) if r == 0.0]
         if not closed:

@@ -231,8 +231,10 @@ def test_training_and_evaluation_build_no_cache(monkeypatch):
         train(model, data, quiet(steps=2, batch_size=2))
         perplexity(model, data.held_out)
     assert built == []
-    # The counter works: a forward with the config's default builds one.
-    tiny_llama()(input_ids=data.held_out[:1])
+    # The counter works: an eval forward with the config's default builds one (a training one never does).
+    tiny_llama().train()(input_ids=data.held_out[:1])
+    assert built == []
+    tiny_llama().eval()(input_ids=data.held_out[:1])
     assert built == ["MixSGACache"]
 
 

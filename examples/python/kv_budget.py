@@ -1,0 +1,136 @@
+"""KV memory you can set, measured on SmolLM2-135M (offline GGUF) and the study's Debian documents: the KV budget
+that decoding realises on held-out text with plain argmax routing and with calibrated decode offsets, and one
+converted model served at several budgets chosen at inference (``mixsga.hf.set_kv_budget``).
+
+SmolLM2 has 3 KV heads, so group sizes (1, 3): budgets from 1/3 to 1. The model is converted with the
+recommended extensions and prepared (calibrated key scales, routers warm-started), not uptrained: the
+perplexities are those at conversion (docs/STUDY.md says how far uptraining moves them), so the point here is
+the budget, which calibration controls whatever the weights.
+
+    PYTHONPATH=build/python .venv/bin/python examples/python/kv_budget.py --out out/kv_budget
+
+Writes <out>/kv_budget.json and .md, and docs/img/kv_budget_smollm2.png (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mixsga import hf  # noqa: E402
+from mixsga.models import load_gguf_llama, smollm2_gguf_path  # noqa: E402
+from mixsga.train.evaluate import perplexity  # noqa: E402
+from mixsga_demo.corpus import load_documents, split_documents  # noqa: E402
+
+GROUPS, RATIOS = (1, 3), (0.25, 0.75)  # 50 % of the full KV cache
+
+
+def stored_fraction(model, ids: torch.Tensor, prompt: int = 16) -> tuple[float, float]:
+    """(stored, allocated) K/V bytes over the full cache's after a prefill of ``prompt`` tokens and teacher-forced
+    decode steps over the rest of ``ids`` [B, T] through the compact cache."""
+    cache = hf.MixSGACache(num_layers=model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+        for t in range(prompt, ids.shape[1]):
+            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    full = cache.full_bytes_per_token()
+    return cache.stored_bytes_per_token() / full, cache.allocated_bytes_per_token() / full
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/kv_budget")
+    p.add_argument("--budgets", default="0.4,0.5,0.6,0.75,0.9", help="budgets served at inference")
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--calib-blocks", type=int, default=8)
+    p.add_argument("--eval-blocks", type=int, default=16)
+    p.add_argument("--plot", default="docs/img/kv_budget_smollm2.png", help="'' for none")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    base, tokenizer = load_gguf_llama(smollm2_gguf_path())
+    base.config.use_cache = False
+    train_docs, held_docs = split_documents(load_documents(), held_out_fraction=0.05)
+
+    def blocks(docs, n):
+        ids = tokenizer("\n\n".join(d.text for d in docs[: 4 * n]), add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids[: n * args.block]).view(n, args.block)
+
+    calib = blocks(train_docs[::50], args.calib_blocks)  # calibration text: training documents
+    held = blocks(held_docs, args.eval_blocks)  # measured on held-out documents
+    result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)", "group_sizes": GROUPS,
+              "trained_ratios": RATIOS, "calibration_tokens": calib.numel(), "held_out_tokens": held.numel(),
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    result["base_ppl"] = perplexity(base, held)
+    print(f"[kv_budget] base ppl {result['base_ppl']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    model = hf.convert(copy.deepcopy(base), group_sizes=GROUPS, ratios=RATIOS, **hf.RECOMMENDED)
+    hf.prepare(model, calib)
+    model.eval()
+    result["uncalibrated"] = {"realised_budget": hf.realised_kv_budget(model, held)}
+    result["uncalibrated"]["stored"], result["uncalibrated"]["allocated"] = stored_fraction(model, held[:2])
+    print(f"[kv_budget] uncalibrated: realised {result['uncalibrated']['realised_budget']:.4f}", flush=True)
+    rows = []
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        calibrated = hf.set_kv_budget(model, calib, budget)
+        row = {"budget": budget, "calibration_realised": calibrated,
+               "held_out_realised": hf.realised_kv_budget(model, held)}
+        row["stored"], row["allocated"] = stored_fraction(model, held[:2])
+        with hf.causal_routing(model):
+            row["ppl_causal_argmax"] = perplexity(model, held)
+        row["ppl_expert_choice"] = perplexity(model, held)
+        rows.append(row)
+        print(f"[kv_budget] budget {budget:.2f}: held-out realised {row['held_out_realised']:.4f}, stored "
+              f"{row['stored']:.4f}, allocated {row['allocated']:.4f}, ppl causal {row['ppl_causal_argmax']:.1f} / "
+              f"expert choice {row['ppl_expert_choice']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    result["served"] = rows
+    result["seconds"] = time.perf_counter() - t0
+    (out / "kv_budget.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    lines = ["| budget set | realised, calibration text | realised, held-out | stored (decode) | allocated (decode) "
+             "| ppl causal argmax | ppl expert choice |", "|---|---|---|---|---|---|---|"]
+    u = result["uncalibrated"]
+    lines.append(f"| 0.50, uncalibrated argmax | - | {u['realised_budget']:.4f} | {u['stored']:.4f} | "
+                 f"{u['allocated']:.4f} | - | - |")
+    for r in rows:
+        lines.append(f"| {r['budget']:.2f} | {r['calibration_realised']:.4f} | {r['held_out_realised']:.4f} | "
+                     f"{r['stored']:.4f} | {r['allocated']:.4f} | {r['ppl_causal_argmax']:.1f} | "
+                     f"{r['ppl_expert_choice']:.1f} |")
+    (out / "kv_budget.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["held_out_realised"] for r in rows], [r["ppl_causal_argmax"] for r in rows], "o-",
+                label="one converted model, budget set at inference (causal argmax)")
+        ax.axhline(result["base_ppl"], color="gray", ls="--", label=f"base, full cache ({result['base_ppl']:.1f})")
+        ax.set_xlabel("realised KV budget on held-out text (fraction of the full cache)")
+        ax.set_ylabel("held-out perplexity (log)")
+        ax.set_yscale("log")
+        ax.set_title("SmolLM2-135M converted to mixSGA (1, 3), not uptrained")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+    print(f"[kv_budget] done in {time.perf_counter() - t0:.0f} s; {out / 'kv_budget.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,7 +40,8 @@ def _layer_scores(model, blocks: torch.Tensor, only: int | None = None) -> list[
     def hook(i):
         def fn(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            scores[i] = module.router.scores(x.detach()).reshape(-1, module.router.num_experts).float()
+            # In the model's dtype, as decoding computes them (the offsets are applied in it too).
+            scores[i] = module.router.scores(x.detach()).reshape(-1, module.router.num_experts)
             if only is not None:
                 raise _Stop
         return fn

@@ -67,10 +67,10 @@ def install(model: nn.Module, base: nn.Module) -> None:
         training = module.training and torch.is_grad_enabled()
         _refuse_packed(kwargs, argument(args, kwargs, "position_ids", positions_at), mask, past)
         if training:
-            if past is not None and past.get_seq_length() > 0:
+            if _cached_tokens(past) > 0:
                 raise ValueError(
                     "past_key_values: a training forward (model.train() with gradients enabled) through a "
-                    f"non-empty KV cache ({past.get_seq_length()} cached tokens): cached keys and values carry no "
+                    f"non-empty KV cache ({_cached_tokens(past)} cached tokens): cached keys and values carry no "
                     "gradient, so k_proj/v_proj would not train; train on whole sequences without a cache, or "
                     "call model.eval() / torch.no_grad() to generate"
                 )
@@ -116,6 +116,12 @@ def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
         setattr(stack, _FALLBACK_ATTR, float(scale))
 
 
+def _cached_tokens(past) -> int:
+    """Tokens already in a cache (0 for none; the layers reject caches that are not MixSGACaches)."""
+    length = getattr(past, "get_seq_length", None)
+    return int(length()) if callable(length) else 0
+
+
 def _refuse_packed(kwargs: dict, positions, mask, past) -> None:
     """Packed (padding-free) batches: several sequences in one row, told apart by restarting position_ids
     or cu_seq_lens. Routing capacity and attention would span the sequences, which would leak into each
@@ -129,7 +135,7 @@ def _refuse_packed(kwargs: dict, positions, mask, past) -> None:
         )
     if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] < 2:
         return
-    if past is not None and past.get_seq_length() > 0:
+    if _cached_tokens(past) > 0:
         return  # a continuation: the cache checks that positions continue its sequences
     step = positions[:, 1:] - positions[:, :-1]
     if mask is None:  # a restart goes back; a step of 0 is left padding given positions but no mask

@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     for name in ("steps", "batch_size", "grad_accum", "block", "eval_blocks", "checkpoint_every", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.prepare and args.gqa is not None:
+        p.error("--prepare: calibrates mixSGA layers; the static GQA baseline (--gqa) has none")
     if args.threads:
         torch.set_num_threads(args.threads)
     from .. import hf

@@ -64,3 +64,10 @@ def test_trains_the_static_gqa_baseline_and_reads_data_errors_clearly(user_files
         run(folder, [str(bad)], tmp_path / "x", "--steps", "1")
     with pytest.raises(FileNotFoundError, match="--data: no such file"):
         run(folder, [str(tmp_path / "missing.txt")], tmp_path / "x", "--steps", "1")
+
+
+def test_prepare_with_the_static_baseline_is_refused(user_files, tmp_path, capsys):
+    folder, data = user_files
+    with pytest.raises(SystemExit):
+        run(folder, data, tmp_path / "x", "--steps", "1", "--gqa", "2", "--prepare")
+    assert "--prepare: calibrates mixSGA layers" in capsys.readouterr().err

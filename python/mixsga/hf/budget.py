@@ -118,9 +118,10 @@ def _fit(model, layers, blocks, ratios) -> float:
     Costs a forward up to each layer."""
     offsets = [[] for _ in layers]
     _apply(model, layers, ratios, offsets)  # plain argmax while fitting, layer by layer
-    for i in range(len(layers)):
+    for i, layer in enumerate(layers):
         offsets[i] = fit_decode_offsets(_layer_scores(model, blocks, only=i)[0], ratios)
-        _apply(model, layers, ratios, offsets)
+        layer.set_routing(ratios, offsets[i])  # the later layers' fits see it
+    _apply(model, layers, ratios, offsets)  # and the config, once
     return realised_kv_budget(model, blocks)
 
 

@@ -39,6 +39,9 @@ _FALLBACK_ATTR = "mixsga_aux_loss_scale"
 _LAST_SCALE_ATTR = "_mixsga_last_aux_scale"
 #: Keyword arguments of packed (padding-free) batches in transformers' flash-attention convention.
 _PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
+#: Why packed batches are refused, and what to do instead (the end of both packed-batch errors).
+_PACKED_REASON = ("not supported by mixSGA models (expert-choice capacity and attention would span the packed "
+                  "sequences); pad the batch instead (e.g. TRL's padding_free=False)")
 
 
 def install(model: nn.Module, base: nn.Module) -> None:
@@ -128,11 +131,7 @@ def _refuse_packed(kwargs: dict, positions, mask, past) -> None:
     other silently, so they are refused."""
     packed = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
     if packed:
-        raise ValueError(
-            f"{packed[0]}: packed (padding-free) batches are not supported by mixSGA models (expert-choice "
-            "capacity and attention would span the packed sequences); pad the batch instead (e.g. TRL's "
-            "padding_free=False)"
-        )
+        raise ValueError(f"{packed[0]}: packed (padding-free) batches are {_PACKED_REASON}")
     if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[1] < 2:
         return
     if _cached_tokens(past) > 0:
@@ -146,9 +145,7 @@ def _refuse_packed(kwargs: dict, positions, mask, past) -> None:
         b, t = int(bad[0, 0]), int(bad[0, 1]) + 1
         raise ValueError(
             f"position_ids: row {b} jumps from {int(positions[b, t - 1])} to {int(positions[b, t])} at token {t}: "
-            "packed sequences (position_ids restarting inside a row) are not supported by mixSGA models "
-            "(expert-choice capacity and attention would span the packed sequences); pad the batch instead "
-            "(e.g. TRL's padding_free=False)"
+            f"packed sequences (position_ids restarting inside a row) are {_PACKED_REASON}"
         )
 
 

@@ -44,6 +44,10 @@ def test_config_rejects_bad_values_naming_them():
         TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="grad_accum: must be >= 1, got 0"):
         TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="parallel: must be 'ddp' or 'fsdp2', got 'zero3'"):
+        TrainConfig(parallel="zero3")
+    with pytest.raises(RuntimeError, match="shard_fsdp2: no process group"):
+        mixsga.train.shard_fsdp2(tiny_llama())
     assert TrainConfig(steps=200).warmup_steps == 3  # 1.5 % of the steps, as in the paper
 
 

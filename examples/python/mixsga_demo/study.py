@@ -46,7 +46,8 @@ from .reports import budget_axes, check_positive_finite, load_checked_report, sa
 @dataclasses.dataclass(frozen=True)
 class StudyArm:
     """One arm. method: "base", "gqa" (``kv_heads`` mean-pooled heads) or "mixsga" (``groups``,
-    ``ratios``, convert ``options``; ``prepare``: calibrate key scales and warm-start routers first)."""
+    ``ratios``, convert ``options``; ``prepare``: calibrate key scales and warm-start routers first;
+    ``lr_multipliers``: its own lr for some parameters; ``frozen``: parameters not trained)."""
 
     name: str
     method: str
@@ -57,6 +58,9 @@ class StudyArm:
     options: tuple[tuple[str, object], ...] = ()
     prepare: bool = False
     family: str = ""  #: the curve it is plotted on ("paper", "extended"); "" for baselines
+    #: extra lr multipliers by parameter-name substring (``TrainConfig.lr_multipliers``), e.g. slower routers
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
+    frozen: tuple[str, ...] = ()  #: parameter-name substrings kept at their initial values (e.g. "router")
 
     def seeded(self) -> bool:
         return self.method != "base"
@@ -166,6 +170,9 @@ def make_arm(base, arm: StudyArm, cfg: StudyConfig, data: TokenBlocks, seed: int
             prepared = hf.prepare(model, data.train[pick], router_steps=steps)
             info["key_scales_at_conversion"] = prepared["key_scales"]
             info["router_agreement_at_conversion"] = prepared["router_agreement"]
+    for name, param in model.named_parameters():
+        if any(part in name for part in arm.frozen):
+            param.requires_grad_(False)
     return model, info
 
 
@@ -227,7 +234,7 @@ def _run_one(arm: StudyArm, seed: int) -> dict:
         info["conversion_ppl"] = perplexity(model, held)
     result = train(model, data, TrainConfig(
         steps=cfg.arm_steps, batch_size=cfg.batch, lr=cfg.arm_lr, seed=100 + seed, description=arm.name,
-        progress=False, lr_multipliers=_lr_multipliers(model, cfg)))
+        progress=False, lr_multipliers=lr_multipliers(model, cfg, arm)))
     return {"arm": arm.name, "seed": seed, "config_key": _config_key(cfg), "budget": arm.budget,
             "method": arm.method, "family": arm.family, "train_seconds": time.perf_counter() - t0,
             "final_train_loss": result.losses[-1], **info, **evaluate(model, arm, cfg, held)}
@@ -283,9 +290,11 @@ def run(out_dir: Path, cfg: StudyConfig, arms: tuple[StudyArm, ...] = ARMS, thre
     return report
 
 
-def _lr_multipliers(model, cfg: StudyConfig) -> dict[str, float]:
+def lr_multipliers(model, cfg, arm: StudyArm) -> dict[str, float]:
+    """The arm's lr multipliers: learned key scales at ``cfg.key_scale_lr_multiplier`` (they move ~lr per
+    step), and the arm's own."""
     learned = any(name.endswith("key_log_scale") for name, _ in model.named_parameters())
-    return {"key_log_scale": cfg.key_scale_lr_multiplier} if learned else {}
+    return {**({"key_log_scale": cfg.key_scale_lr_multiplier} if learned else {}), **dict(arm.lr_multipliers)}
 
 
 def _config_key(cfg: StudyConfig) -> str:

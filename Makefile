@@ -55,10 +55,12 @@ demo: build
 	@echo
 	@PYTHONPATH=$(CURDIR)/$(BUILD)/python $(PYTHON) examples/python/demo.py $(DEMO_ARGS)
 
-# The quality study (examples/python/study.py, docs/STUDY.md): static GQA, mixSGA as in the paper and
-# with the quality extensions at equal KV budgets, 3 seeds, on Debian's linux-doc and python docs; about
-# 65 min on 2 cores (runs are appended to out/study/runs.jsonl, so an interrupted study resumes).
-# STUDY_ARGS=--quick for a smoke run.
+# The quality study (examples/python/study.py, docs/STUDY.md): static GQA against mixSGA as in the paper
+# and with the quality extensions, by uptraining budget (0.1-10 % of a well-trained base's pretraining),
+# 3 seeds, on Debian's linux-doc and python docs. Runs are appended to out/regime/runs.jsonl and the base
+# is cached with its curve (checkpointed as it trains), so an interrupted study resumes. STUDY_ARGS:
+# --quick (smoke run), --push (the attempts to keep mixSGA's lead), --continuation (the older study:
+# 125 % of a short base's pretraining), --smollm2-uptrain, --smollm2-conversion.
 study: build
 	@PYTHONPATH=$(CURDIR)/$(BUILD)/python $(PYTHON) examples/python/study.py $(STUDY_ARGS)
 

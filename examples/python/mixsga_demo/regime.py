@@ -37,7 +37,7 @@ from mixsga.train.loop import TrainConfig, train
 
 from .base_model import base_model_path, cached_base_model, read_curve, small_llama_config
 from .reports import check_positive_finite
-from .study import BASELINES, StudyArm, build_data, evaluate, lr_multipliers, make_arm
+from .study import BASELINES, StudyArm, TestBed, build_data, evaluate, lr_multipliers, make_arm
 
 #: Uptraining budgets, as a share of the base's pretraining tokens (0 = at conversion).
 BUDGETS = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -81,14 +81,9 @@ PUSH_ARMS = (
 
 
 @dataclasses.dataclass
-class RegimeConfig:
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 8
-    kv_heads: int = 8
-    intermediate: int = 384
-    vocab: int = 2048
-    block: int = 128
+class RegimeConfig(TestBed):
+    """The uptraining-budget study: the base's pretraining and the uptraining runs."""
+
     base_batch: int = 16
     base_epochs: float = 1.0  #: ~18 tokens per parameter: about compute-optimal for 0.7 M parameters
     base_lr: float = 3e-3
@@ -97,13 +92,7 @@ class RegimeConfig:
     lr_ratio: float = 0.5  #: uptraining peak lr / the base's peak lr (the paper: 2e-4 against 4e-4)
     budgets: tuple[float, ...] = BUDGETS
     watch_budget: float = 0.01  #: this budget's runs are also evaluated after 2, 4, 8, ... steps
-    key_scale_lr_multiplier: float = 20.0
-    aux_alpha: float = 0.1
     eval_blocks: int = 256  #: held-out blocks, spread evenly over the held-out documents
-    prepare_blocks: int = 32
-    seeds: tuple[int, ...] = (0, 1, 2)
-    max_docs: int | None = None
-    tokenizer_chars: int = 8_000_000
 
     @classmethod
     def quick(cls) -> RegimeConfig:

@@ -95,26 +95,34 @@ BASELINES = {0.5: "GQA-50%", 0.25: "GQA-25%"}
 
 
 @dataclasses.dataclass
-class StudyConfig:
+class TestBed:
+    """The test-bed's model sizes and data, shared by both studies (and its training recipe's extras)."""
+
     hidden: int = 128
     layers: int = 2
     heads: int = 8
-    kv_heads: int = 8
+    kv_heads: int = 8  #: 8 KV heads: pooling to 4, 2 or 1 heads keeps a clear loss
     intermediate: int = 384
     vocab: int = 2048
     block: int = 128
+    key_scale_lr_multiplier: float = 20.0  #: learned key scales move ~lr per step: give them their own rate
+    aux_alpha: float = 0.1
+    prepare_blocks: int = 32
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_docs: int | None = None  #: cut the corpus (the quick configuration)
+    tokenizer_chars: int = 8_000_000  #: train-split characters the tokenizer is trained on
+
+
+@dataclasses.dataclass
+class StudyConfig(TestBed):
+    """The long-continuation study: a short base continued for ``arm_steps`` per arm."""
+
     batch: int = 16
     base_steps: int = 800
     base_lr: float = 3e-3
     arm_steps: int = 960  #: 8x the demo's continuation (2M tokens)
     arm_lr: float = 1e-3
-    key_scale_lr_multiplier: float = 20.0  #: learned key scales move ~lr per step: give them their own rate
-    aux_alpha: float = 0.1
     eval_blocks: int = 96
-    prepare_blocks: int = 32
-    seeds: tuple[int, ...] = (0, 1, 2)
-    max_docs: int | None = None  #: cut the corpus (the quick configuration)
-    tokenizer_chars: int = 8_000_000  #: train-split characters the tokenizer is trained on
 
     @classmethod
     def quick(cls) -> StudyConfig:

@@ -61,22 +61,21 @@ ARMS = (
              prepare=True, family="E1-E3 mild mix"),
 )
 
-#: Attempts to keep mixSGA's conversion lead through uptraining (``--push``), at the 50 % KV budget and the
-#: budgets around the 1 % target; compared with the same GQA-50 runs.
+#: Attempts to keep mixSGA's conversion lead through uptraining (``--push``), at the budgets around the 1 %
+#: target; compared with the same GQA runs. The router starts random (or warm-started, E3) and moves the
+#: routing under the projections while they adapt: slow it down, or keep it where it started.
 PUSH_BUDGETS = (0.003, 0.01, 0.03)
+_MILD_25 = dict(groups=(2, 4, 8), ratios=(0.1, 0.7, 0.2), prepare=True, family="push")
+_MILD_50 = dict(groups=(1, 2, 4), ratios=(0.1, 0.7, 0.2), prepare=True, family="push")
 PUSH_ARMS = (
-    # The router starts random and moves the routing under the projections as they adapt: slow it down,
-    # or keep it where it started.
-    StudyArm("push: E1 3:1:6, routers at lr x0.1", "mixsga", 0.5, groups=(1, 2, 4), ratios=(0.3, 0.1, 0.6),
-             options=_E1, prepare=True, family="push", lr_multipliers=(("router", 0.1),)),
-    StudyArm("push: E1 3:1:6, routers frozen", "mixsga", 0.5, groups=(1, 2, 4), ratios=(0.3, 0.1, 0.6),
+    StudyArm("push: ext 1:7:2 (25%), routers at lr x0.1", "mixsga", 0.25, options=_EXT,
+             lr_multipliers=(("router", 0.1),), **_MILD_25),
+    StudyArm("push: ext 1:7:2 (25%), routers frozen", "mixsga", 0.25, options=_EXT, frozen=("router",), **_MILD_25),
+    # The mild mix with the paper's router and E1 only (E1 is the extension that helped everywhere).
+    StudyArm("push: E1 1:7:2 (25%)", "mixsga", 0.25, options=_E1, **_MILD_25),
+    StudyArm("push: ext 1:7:2 (50%), routers frozen", "mixsga", 0.5, options=_EXT, frozen=("router",), **_MILD_50),
+    StudyArm("push: E1 3:1:6 (50%), routers frozen", "mixsga", 0.5, groups=(1, 2, 4), ratios=(0.3, 0.1, 0.6),
              options=_E1, prepare=True, family="push", frozen=("router",)),
-    # The mild mix without E2/E3 (E1 is the extension that helped everywhere).
-    StudyArm("push: E1 1:7:2", "mixsga", 0.5, groups=(1, 2, 4), ratios=(0.1, 0.7, 0.2), options=_E1, prepare=True,
-             family="push"),
-    # The mild mix with the warm-started (pooling-error) router kept fixed.
-    StudyArm("push: E1-E3 1:7:2, routers frozen", "mixsga", 0.5, groups=(1, 2, 4), ratios=(0.1, 0.7, 0.2),
-             options=_EXT, prepare=True, family="push", frozen=("router",)),
 )
 
 

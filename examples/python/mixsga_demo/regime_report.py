@@ -214,6 +214,10 @@ def plot_crossover(r: dict, path: Path) -> None:
         top.set_title(f"KV budget {kv:.0%}")
         bottom.axhline(0.0, color="k", lw=1)
         bottom.set_yscale("symlog", linthresh=5.0)
+        lo, hi = bottom.get_ylim()
+        ticks_y = [t for t in (-40, -20, -10, -5, -2, 0, 2, 5, 10, 20, 40, 80) if lo <= t <= hi]
+        bottom.set_yticks(ticks_y)
+        bottom.set_yticklabels([f"{t:+d}" if t else "0" for t in ticks_y])
         bottom.set_ylabel("vs static GQA, % (paired, ± SE); < 0: mixSGA better")
         for ax in (top, bottom):
             ax.set_xscale("log")

@@ -249,15 +249,16 @@ def run(out_dir: Path, cfg: RegimeConfig, arms: tuple[StudyArm, ...] = ARMS, thr
     _log(f"base: {base_tokens:,} tokens; uptraining budgets "
          + ", ".join(f"{100 * b:g} % = {uptrain_steps(cfg, b, base_tokens)} steps" for b in cfg.budgets)
          + f"; {len(done)} runs done, {len(todo)} to go ({workers} worker(s) x {threads} thread(s))")
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                                initargs=(str(out_dir), cfg, threads)) as pool:
-        futures = [pool.submit(_run_one, *task) for task in todo]
-        for n, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-            row = future.result()
-            _append(runs_path, row)
-            _log(f"run {n}/{len(todo)}: {row['arm']}, seed {row['seed']}, {100 * row['budget']:g} %: "
-                 f"ppl EC {row['ppl_expert_choice']:.3f}, argmax {row['ppl_argmax']:.3f}, {row['seconds']:.0f} s")
+    if todo:  # (workers load the data and the base: only start them when there is work)
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                                    initargs=(str(out_dir), cfg, threads)) as pool:
+            futures = [pool.submit(_run_one, *task) for task in todo]
+            for n, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                row = future.result()
+                _append(runs_path, row)
+                _log(f"run {n}/{len(todo)}: {row['arm']}, seed {row['seed']}, {100 * row['budget']:g} %: ppl EC "
+                     f"{row['ppl_expert_choice']:.3f}, argmax {row['ppl_argmax']:.3f}, {row['seconds']:.0f} s")
     return report(out_dir, cfg, arms + push, counts, threads, workers, time.perf_counter() - t_start)
 
 

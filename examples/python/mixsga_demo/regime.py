@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from mixsga import hf
+from mixsga.train.evaluate import perplexity
 from mixsga.train.loop import TrainConfig, train
 
 from .base_model import base_model_path, cached_base_model, read_curve, small_llama_config
@@ -217,7 +218,31 @@ def _run_one(arm: StudyArm, seed: int, budget: float) -> dict:
     row = {**ident, "method": arm.method, "family": arm.family, "kv_budget": arm.budget, "steps": steps,
            "tokens": steps * cfg.batch * cfg.block, "seconds": time.perf_counter() - t0, **info,
            **evaluate(model, arm, cfg, held)}
+    if arm.method == "mixsga":
+        row.update(calibrated_decode(model, arm, cfg, data, held, seed))
     return row
+
+
+def calibrated_decode(model, arm: StudyArm, cfg: RegimeConfig, data, held: torch.Tensor, seed: int) -> dict:
+    """The decode budget causal argmax realises on the held-out blocks before and after
+    ``hf.calibrate_decode_routing`` on ``prepare_blocks`` training blocks (more if the fit needs them: 100
+    tokens per expert), and the held-out perplexity under causal argmax routing with the calibrated
+    offsets (the model keeps them)."""
+    n = max(cfg.prepare_blocks, math.ceil(100 * len(arm.groups) / cfg.block))
+    g = torch.Generator().manual_seed(3000 + seed)
+    calib = data.train[torch.randperm(data.train.shape[0], generator=g)[:n]]
+    plain = hf.realised_kv_budget(model, held)
+    fitted = hf.calibrate_decode_routing(model, calib)
+    layers = hf.mixsga_layers(model)
+    try:
+        for layer in layers:
+            layer.prefill_routing = "argmax"
+        ppl = perplexity(model, held)
+    finally:
+        for layer in layers:
+            layer.prefill_routing = "expert_choice"
+    return {"decode_budget_plain": plain, "decode_budget_calibration_text": fitted,
+            "decode_budget_calibrated": hf.realised_kv_budget(model, held), "ppl_argmax_calibrated": ppl}
 
 
 def run(out_dir: Path, cfg: RegimeConfig, arms: tuple[StudyArm, ...] = ARMS, threads: int = 1,

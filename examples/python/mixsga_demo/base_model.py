@@ -14,6 +14,8 @@ from mixsga.train.data import TokenBlocks
 from mixsga.train.evaluate import perplexity
 from mixsga.train.loop import TrainConfig, train
 
+from .reports import append_row
+
 
 def small_llama_config(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
                        block: int, **extra):
@@ -75,13 +77,13 @@ def cached_base_model(config, data: TokenBlocks, cache_dir: Path, steps: int, lr
         ckpt, curve = path.with_suffix(".ckpt"), path.with_suffix(".curve.jsonl")
         done = {row["step"] for row in read_curve(path)}
         if 0 not in done:
-            _append(curve, {"step": 0, "tokens": 0, "ppl": perplexity(model, curve_blocks)})
+            append_row(curve, {"step": 0, "tokens": 0, "ppl": perplexity(model, curve_blocks)})
         for stop in list(range(curve_every, steps, curve_every)) + [steps]:
             train_config.checkpoint_path, train_config.stop_after = str(ckpt), stop
             result = train(model, data, train_config)
             if stop not in done:
                 ppl = perplexity(model, curve_blocks)
-                _append(curve, {"step": stop, "tokens": stop * batch * data.block_size, "ppl": ppl})
+                append_row(curve, {"step": stop, "tokens": stop * batch * data.block_size, "ppl": ppl})
                 log(f"base model: step {stop}/{steps}, held-out ppl {ppl:.2f}, last loss {result.losses[-1]:.3f}"
                     if result.losses else f"base model: step {stop}/{steps}, held-out ppl {ppl:.2f}")
     tmp = path.with_suffix(".tmp")
@@ -90,8 +92,3 @@ def cached_base_model(config, data: TokenBlocks, cache_dir: Path, steps: int, lr
     if curve_every:
         path.with_suffix(".ckpt").unlink(missing_ok=True)
     return model
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")

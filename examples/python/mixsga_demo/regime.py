@@ -21,12 +21,10 @@ summarise them: per budget, each mixSGA arm's paired difference to static GQA of
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -37,8 +35,8 @@ from mixsga.train.evaluate import perplexity
 from mixsga.train.loop import TrainConfig, train
 
 from .base_model import base_model_path, cached_base_model, read_curve, small_llama_config
-from .reports import check_positive_finite
-from .study import BASELINES, StudyArm, TestBed, build_data, evaluate, lr_multipliers, make_arm
+from .reports import append_row, check_positive_finite, read_rows, settings_key
+from .study import StudyArm, TestBed, build_data, evaluate, lr_multipliers, make_arm
 
 #: Uptraining budgets, as a share of the base's pretraining tokens (0 = at conversion).
 BUDGETS = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -147,7 +145,7 @@ def held_out_blocks(cfg: RegimeConfig, data) -> torch.Tensor:
 
 
 def _config_key(cfg: RegimeConfig) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return settings_key(dataclasses.asdict(cfg))
 
 
 def _slug(name: str) -> str:
@@ -177,18 +175,6 @@ def _worker_init(out_dir: str, cfg: RegimeConfig, threads: int) -> None:
     _WORKER.update(cfg=cfg, data=data, base=base, base_tokens=base_tokens, held=held, out=out)
 
 
-def _read_jsonl(path: Path, key: str) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("config_key") == key]
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:  # one short write per line: lines of several workers do not interleave
-        f.write(json.dumps(row) + "\n")
-
-
 def _run_one(arm: StudyArm, seed: int, budget: float) -> dict:
     """One (arm, seed, budget): convert (and prepare), uptrain on its own schedule, evaluate."""
     cfg, data, base, base_tokens, held, out = (_WORKER[k] for k in ("cfg", "data", "base", "base_tokens", "held", "out"))
@@ -204,14 +190,14 @@ def _run_one(arm: StudyArm, seed: int, budget: float) -> dict:
                          checkpoint_path=str(ckpt),
                          lr_multipliers=lr_multipliers(model, cfg, arm))
         trajectory = out / "trajectory.jsonl"
-        done = {r["step"] for r in _read_jsonl(trajectory, key)
+        done = {r["step"] for r in read_rows(trajectory, key)
                 if (r["arm"], r["seed"], r["budget"]) == (arm.name, seed, budget)}
         points = trajectory_points(cfg, budget, steps, base_tokens)
         for stop in points + [steps]:
             tc.stop_after = stop
             result = train(model, data, tc)
             if stop < steps and stop not in done:
-                _append(trajectory, {**ident, "step": stop, "tokens": stop * cfg.batch * cfg.block,
+                append_row(trajectory, {**ident, "step": stop, "tokens": stop * cfg.batch * cfg.block,
                                      "last_train_loss": result.losses[-1] if result.losses else None,
                                      **evaluate(model, arm, cfg, held)})
         ckpt.unlink(missing_ok=True)
@@ -265,7 +251,7 @@ def run(out_dir: Path, cfg: RegimeConfig, arms: tuple[StudyArm, ...] = ARMS, thr
     torch.set_num_threads(threads)
     key = _config_key(cfg)
     runs_path = out_dir / "runs.jsonl"
-    done = {(r["arm"], r["seed"], r["budget"]) for r in _read_jsonl(runs_path, key)}
+    done = {(r["arm"], r["seed"], r["budget"]) for r in read_rows(runs_path, key)}
     # Seed by seed (an interrupted study still has paired seeds at every budget), longest runs first.
     todo = [(arm, seed, budget) for seed in cfg.seeds for budget in sorted((0.0,) + tuple(cfg.budgets), reverse=True)
             for arm in arms if (arm.name, seed, budget) not in done]
@@ -281,7 +267,7 @@ def run(out_dir: Path, cfg: RegimeConfig, arms: tuple[StudyArm, ...] = ARMS, thr
             futures = [pool.submit(_run_one, *task) for task in todo]
             for n, future in enumerate(concurrent.futures.as_completed(futures), start=1):
                 row = future.result()
-                _append(runs_path, row)
+                append_row(runs_path, row)
                 _log(f"run {n}/{len(todo)}: {row['arm']}, seed {row['seed']}, {100 * row['budget']:g} %: ppl EC "
                      f"{row['ppl_expert_choice']:.3f}, argmax {row['ppl_argmax']:.3f}, {row['seconds']:.0f} s")
     return report(out_dir, cfg, arms + push, counts, threads, workers, time.perf_counter() - t_start)
@@ -293,8 +279,8 @@ def report(out_dir: Path, cfg: RegimeConfig, arms: tuple[StudyArm, ...], counts:
     from .regime_report import plot_base_curve, plot_crossover, render_markdown, summarise
 
     key = _config_key(cfg)
-    rows = _read_jsonl(out_dir / "runs.jsonl", key)
-    trajectory = _read_jsonl(out_dir / "trajectory.jsonl", key)
+    rows = read_rows(out_dir / "runs.jsonl", key)
+    trajectory = read_rows(out_dir / "trajectory.jsonl", key)
     _, data, _ = build_data(cfg, out_dir / "cache")
     config = small_llama_config(cfg.vocab, cfg.hidden, cfg.intermediate, cfg.layers, cfg.heads, cfg.kv_heads,
                                 cfg.block, use_cache=False)

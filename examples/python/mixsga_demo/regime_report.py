@@ -7,19 +7,15 @@ import math
 import statistics
 from pathlib import Path
 
-from .reports import budget_axes
+from .reports import budget_axes, mean_std
 from .study import BASELINES
 
 #: A difference is called a lead when it is beyond this many standard errors.
 SIGNIFICANT_SE = 2.0
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _mean_se(values: list[float]) -> tuple[float, float]:
-    m, sd = _mean_std(values)
+    m, sd = mean_std(values)
     return m, (sd / math.sqrt(len(values)) if len(values) > 1 else float("nan"))
 
 
@@ -61,7 +57,7 @@ def summarise(rows: list[dict], trajectory: list[dict], arms, cfg) -> dict:
             for key in ("ppl_expert_choice", "ppl_argmax", "decode_budget", "agreement", "kv_bytes_per_token"):
                 vals = [r[key] for r in runs if r.get(key) is not None]
                 if vals:
-                    cell[key], cell[key + "_std"] = _mean_std(vals)
+                    cell[key], cell[key + "_std"] = mean_std(vals)
             if arm.method == "mixsga":
                 ref = {r["seed"]: r for r in by.get((BASELINES[arm.budget], b), [])}
                 for key, name in (("ppl_expert_choice", "vs_static"), ("ppl_argmax", "vs_static_argmax")):

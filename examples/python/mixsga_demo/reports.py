@@ -3,9 +3,40 @@ checks that every output exists and every figure in it is finite (what CI runs a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import statistics
 from pathlib import Path
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of the settings a run's numbers depend on: rows of a runs file carry it as
+    ``config_key``, so rows of other settings are never mixed in."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def read_rows(path: Path, key: str) -> list[dict]:
+    """The rows (one JSON object a line) of the runs file ``path`` whose ``config_key`` is ``key``."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("config_key") == key]
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Appends one JSON line and syncs it to disk: a resumed run trusts every line it finds. One short
+    write per line, so lines of several worker processes do not interleave."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def budget_axes(figsize: tuple[float, float]):

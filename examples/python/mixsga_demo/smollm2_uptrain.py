@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from mixsga.train.evaluate import perplexity
 from mixsga.train.loop import TrainConfig, train
 
 from .corpus import load_documents, split_documents
+from .reports import append_row, read_rows, settings_key
 from .demo import _pool_layers
 
 #: Learned key scales move about lr per AdamW step; at the base lr they would barely leave their
@@ -259,29 +259,8 @@ def evaluate(model, held: torch.Tensor) -> dict:
 
 # --- Trajectory file -------------------------------------------------------------------------------------
 
-def _config_key(settings: dict) -> str:
-    """Hash of what the numbers depend on (not the seeds, threads or eval points: a row stays valid when
-    they change, since the schedule runs over ``steps`` either way)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _read_rows(path: Path, key: str) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("config_key") == key:
-                rows.append(row)
-    return rows
-
-
-def _append_row(path: Path, row: dict) -> None:
-    with path.open("a") as f:  # one line per evaluation, on disk before the next chunk of training starts
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+# Rows are keyed by ``settings_key`` of what the numbers depend on (not the seeds, threads or eval points:
+# a row stays valid when they change, since the schedule runs over ``steps`` either way).
 
 
 # --- The run ---------------------------------------------------------------------------------------------
@@ -317,7 +296,7 @@ def _train_arm(base, arm: UptrainArm, seed: int, points: tuple[int, ...], done: 
             seconds += result.seconds
         row = {"arm": arm.name, "seed": seed, "step": point, "tokens": point * s["batch"] * s["block"],
                **evaluate(model, ctx["held"]), "seconds": seconds, "kv_fraction": kv, "config_key": ctx["key"]}
-        _append_row(ctx["trajectory"], row)
+        append_row(ctx["trajectory"], row)
         done[(arm.name, seed, point)] = row
         _log(f"{arm.name}, seed {seed}, step {point} ({row['tokens']:,} tokens): held-out ppl "
              f"EC {row['ppl_expert_choice']:.2f}, argmax {row['ppl_argmax']:.2f} "
@@ -349,9 +328,9 @@ def run(out_dir: Path, seeds=(0, 1), steps: int = 48, eval_at=(0, 3, 6, 12, 24, 
                 "batch": batch, "block": block, "lr": lr, "precision": precision, "eval_blocks": eval_blocks,
                 "group_sizes": list(GROUP_SIZES), "ratios": list(RATIOS), "calibration_blocks": CALIBRATION_BLOCKS,
                 "key_scale_lr_multiplier": KEY_SCALE_LR_MULTIPLIER, "recipe": RECIPE_VERSION}
-    key = _config_key(settings)
+    key = settings_key(settings)
     trajectory = out_dir / "trajectory.jsonl"
-    done = {(r["arm"], r["seed"], r["step"]): r for r in _read_rows(trajectory, key)}
+    done = {(r["arm"], r["seed"], r["step"]): r for r in read_rows(trajectory, key)}
     _log(f"config {key}: {steps} steps of {batch}x{block} tokens, lr {lr}, {precision}, seeds {list(seeds)}, "
          f"eval at {list(points)} on {eval_blocks} held-out blocks, {threads} thread(s); {len(done)} rows already done")
 
@@ -366,7 +345,7 @@ def run(out_dir: Path, seeds=(0, 1), steps: int = 48, eval_at=(0, 3, 6, 12, 24, 
     if (BASE.name, None, 0) not in done:  # seed-independent: evaluated once
         row = {"arm": BASE.name, "seed": None, "step": 0, "tokens": 0, **evaluate(base, data.held_out),
                "seconds": 0.0, "kv_fraction": 1.0, "config_key": key}
-        _append_row(trajectory, row)
+        append_row(trajectory, row)
         done[(BASE.name, None, 0)] = row
         _log(f"{BASE.name}: held-out ppl {row['ppl_expert_choice']:.2f}")
     # Seed-major: after the first seed every arm has a complete (paired) trajectory.
@@ -375,7 +354,7 @@ def run(out_dir: Path, seeds=(0, 1), steps: int = 48, eval_at=(0, 3, 6, 12, 24, 
             if arm.trained():
                 _train_arm(base, arm, seed, points, done, ctx)
 
-    rows = [r for r in _read_rows(trajectory, key) if r["seed"] is None or r["seed"] in seeds]
+    rows = [r for r in read_rows(trajectory, key) if r["seed"] is None or r["seed"] in seeds]
     report = summarise(rows, points)
     step_time = out_dir / "step_time.json"
     report.update({

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from mixsga.train.loop import TrainConfig, train
 
 from .base_model import cached_base_model, small_llama_config
 from .corpus import tokenize_documents
-from .reports import budget_axes, check_positive_finite, load_checked_report, save_budget_plot
+from .reports import budget_axes, check_positive_finite, load_checked_report, mean_std, save_budget_plot, settings_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,11 +305,7 @@ def lr_multipliers(model, cfg, arm: StudyArm) -> dict[str, float]:
 
 
 def _config_key(cfg: StudyConfig) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return settings_key(dataclasses.asdict(cfg))
 
 
 def summarise(rows: list[dict], arms: tuple[StudyArm, ...]) -> dict:
@@ -333,7 +328,7 @@ def summarise(rows: list[dict], arms: tuple[StudyArm, ...]) -> dict:
                     "conversion_ppl"):
             vals = [r[key] for r in runs if r.get(key) is not None]
             if vals:
-                s[key], s[key + "_std"] = _mean_std(vals)
+                s[key], s[key + "_std"] = mean_std(vals)
         if runs[0].get("decode_ratios") is not None:
             s["decode_ratios"] = [statistics.fmean(r["decode_ratios"][e] for r in runs)
                                   for e in range(len(runs[0]["decode_ratios"]))]
@@ -345,7 +340,7 @@ def summarise(rows: list[dict], arms: tuple[StudyArm, ...]) -> dict:
                 diffs = [r[key] - ref[r["seed"]][ref_key] for r in runs
                          if r["seed"] in ref and r.get(key) is not None and ref[r["seed"]].get(ref_key) is not None]
                 if diffs:
-                    m, sd = _mean_std(diffs)
+                    m, sd = mean_std(diffs)
                     s[f"diff_{key}"] = m
                     s[f"diff_{key}_se"] = sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
             s["baseline"] = baseline

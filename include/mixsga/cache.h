@@ -32,6 +32,12 @@ struct HeteroKVCacheOptions {
   int64_t max_tokens = 0;
   /// Capacity growth factor of a pool that runs out of room (amortised O(1) appends). >= 1.
   double growth = 1.5;
+  /// Hard per-sequence cap on the stored K/V, as a share of the full K/V (0 = no cap, the default; else in
+  /// [1/g_max, 1], what the group sizes can reach). With a cap, every prefix of every sequence stores, in each
+  /// layer, at most kv_cap * its tokens * a full token's K/V. The attention layers route through
+  /// cap_routing() before projecting K/V, which moves tokens to coarser experts where the cap requires it;
+  /// append() and append_compact() refuse routing that would break the cap (an error, nothing stored).
+  double kv_cap = 0.0;
   /// Append through ATen ops only (the path non-CPU devices take) even on CPU; for testing that path.
   bool portable_append = false;
 };
@@ -60,6 +66,34 @@ struct HeteroKVCacheOptions {
 class HeteroKVCache {
  public:
   explicit HeteroKVCache(HeteroKVCacheOptions options);
+
+  /// The routing `expert_idx` [B, L] (integer, values in [0, E)) adjusted to kv_cap and to reserved pools,
+  /// for the tokens about to be appended to `layer` (the attention layers call it before projecting K/V).
+  /// Each sequence's valid tokens are taken in order, counting from what `layer` already stores: a token
+  /// keeps its expert while the sequence's running K/V stays within kv_cap (and the expert's reserved pool
+  /// has room); otherwise it goes to the nearest coarser expert that fits, or, when reserved coarser pools
+  /// are full, the nearest finer one (reserve() sizes the pools so that one always fits). Causal: a token's
+  /// expert depends only on the tokens before it. Without a cap or reservation returns expert_idx itself;
+  /// otherwise a new [B, L] int64 tensor on expert_idx's device. `valid`: optional [B, L] mask (padding
+  /// is not stored, so it does not count). Changes nothing in the cache.
+  at::Tensor cap_routing(int64_t layer, const at::Tensor& expert_idx,
+                         const std::optional<at::Tensor>& valid = std::nullopt) const;
+
+  /// Allocates every layer's pools once, for `batch` sequences of at most `max_length` tokens each, so that
+  /// appends never reallocate and the allocated K/V pools stay within kv_cap (which must be set) of the
+  /// full K/V of max_length tokens. Expert e < E-1 gets floor(ratios[e] * max_length) slots per sequence,
+  /// the coarsest expert the rest; cap_routing() keeps each sequence within those quotas. `ratios`: [E],
+  /// >= 0, summing to 1, whose KV budget sum_e ratios[e] / g_e is at most kv_cap (e.g. the layer's ratios,
+  /// or mixsga::nn::ratios_for_budget(group_sizes, ratios, kv_cap)). The cache must be empty; the batch
+  /// size is fixed to `batch`; appending past max_length tokens is an error; reset() drops the reservation.
+  void reserve(int64_t batch, int64_t max_length, const std::vector<double>& ratios);
+  /// Tokens per sequence the pools are reserved for (0: not reserved).
+  int64_t reserved_length() const { return reserved_length_; }
+  /// The most bytes_stored() can reach with `batch` sequences of `max_length` tokens in every layer, for
+  /// planning memory: the K/V of max_length full tokens times kv_cap (rounded down to what the group sizes
+  /// can store; times 1 without a cap) plus the index bits, per sequence and layer. After reserve() for
+  /// the same batch and length, the reserved pools' K/V bytes are at most this figure's K/V part.
+  int64_t worst_case_bytes(int64_t max_length, int64_t batch = 1) const;
 
   /// Appends tokens of one layer, given at the full Hkv heads (the prefill path: the layer formed them
   /// for attention anyway).
@@ -172,6 +206,13 @@ class HeteroKVCache {
   };
 
   void check_layer(int64_t layer) const;
+  // The cap in integer units: a token of expert e takes lcm(group sizes) / g_e units; n tokens may take at
+  // most cap_units(n) (all of them without a cap).
+  int64_t unit_of(int64_t expert) const;
+  int64_t cap_units(int64_t tokens) const;
+  // Whether a sequence that holds counts[e] tokens of each expert (`units` cap units in all) may store one
+  // more token of `expert`: within the cap and, when reserved, within the expert's quota.
+  bool fits(const std::vector<int64_t>& counts, int64_t units, int64_t expert) const;
   HostRouting host_routing(int64_t B, int64_t L, const at::Tensor& expert_idx,
                            const std::optional<at::Tensor>& valid) const;
   // Checks positions and max_tokens against the layer's stored tokens, fixes the batch size on the first
@@ -188,6 +229,9 @@ class HeteroKVCache {
 
   HeteroKVCacheOptions options_;
   int64_t batch_ = 0;
+  int64_t unit_lcm_ = 1;             // lcm of the group sizes
+  int64_t reserved_length_ = 0;      // reserve()'s max_length (0: pools grow as needed)
+  std::vector<int64_t> quota_;       // reserve()'s slots per sequence and expert (empty: no quotas)
   std::vector<Layer> layers_;
 };
 

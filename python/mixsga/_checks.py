@@ -46,6 +46,21 @@ def check_ratios(ratios: Sequence[float], num_experts: int | None = None, name: 
     return values
 
 
+def check_kv_cap(kv_cap: float | None, group_sizes: Sequence[int]) -> float | None:
+    """Returns the hard KV cap as a float, or None (no cap): a share of the full K/V in [1/g_max, 1], what the
+    group sizes can store (the same rule as HeteroKVCacheOptions.kv_cap, checked here before any cache exists)."""
+    if kv_cap is None:
+        return None
+    if isinstance(kv_cap, bool) or not isinstance(kv_cap, (int, float)):
+        raise TypeError(f"kv_cap: expected a float or None, got {kv_cap!r}")
+    coarsest = max(group_sizes)
+    value = float(kv_cap)
+    if not (math.isfinite(value) and value * coarsest >= 1.0 - 1e-9 and value <= 1.0):
+        raise ValueError(f"kv_cap: must be in [1/{coarsest}, 1] = [{1 / coarsest:.4g}, 1], the shares of the full K/V "
+                         f"that group sizes {tuple(group_sizes)} can store, got {kv_cap!r}")
+    return value
+
+
 def check_decode_offsets(offsets: Sequence[float] | None, num_experts: int) -> tuple[float, ...]:
     """Returns the decode offsets as a tuple of floats: empty (None: no offsets) or one finite value per
     expert."""

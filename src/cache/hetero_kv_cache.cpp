@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <string>
 
 #include "ops/validation.h"
@@ -50,6 +51,13 @@ HeteroKVCache::HeteroKVCache(HeteroKVCacheOptions options) : options_(std::move(
   TORCH_CHECK_VALUE(o.max_tokens >= 0, fmt::format("max_tokens: must be >= 0 (0 = unlimited), got {}", o.max_tokens));
   TORCH_CHECK_VALUE(std::isfinite(o.growth) && o.growth >= 1.0, fmt::format("growth: must be >= 1, got {}", o.growth));
   detail::check_group_sizes(o.group_sizes, o.num_kv_heads);
+  for (const int64_t g : o.group_sizes) unit_lcm_ = std::lcm(unit_lcm_, g);  // divides num_kv_heads, as each g does
+  const int64_t coarsest = o.group_sizes.back();
+  TORCH_CHECK_VALUE(o.kv_cap == 0.0 || (std::isfinite(o.kv_cap) && o.kv_cap * static_cast<double>(coarsest) >= 1.0 - 1e-9 &&
+                                        o.kv_cap <= 1.0),
+                    fmt::format("kv_cap: must be 0 (no cap) or in [1/{}, 1] = [{:.4g}, 1], the shares of the full K/V "
+                                "that group sizes ({}) can store, got {}",
+                                coarsest, 1.0 / static_cast<double>(coarsest), fmt::join(o.group_sizes, ", "), o.kv_cap));
   TORCH_CHECK_TYPE(at::isFloatingType(o.dtype), fmt::format("dtype: must be a floating dtype, got {}", c10::toString(o.dtype)));
   // The memory accounting multiplies these per token; bound them so it cannot overflow (found by tests/fuzz).
   int64_t token_bytes = 0;
@@ -63,6 +71,8 @@ HeteroKVCache::HeteroKVCache(HeteroKVCacheOptions options) : options_(std::move(
 
 void HeteroKVCache::reset() {
   batch_ = 0;
+  reserved_length_ = 0;
+  quota_.clear();
   layers_.assign(options_.num_layers, Layer{});
   for (auto& layer : layers_) {
     layer.pools.assign(num_experts(), Pool{});
@@ -169,11 +179,16 @@ HeteroKVCache::Placement HeteroKVCache::place(int64_t layer, const HostRouting& 
   placement.batch.resize(E), placement.token.resize(E), placement.slot.resize(E);
   placement.start.assign(B, 0), placement.new_tokens.assign(B, 0);
   std::vector<int64_t> wanted(E, 0), per_expert(E);
+  const bool capped = o.kv_cap > 0.0 || !quota_.empty();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t stored = first ? 0 : state.index[b].size();
     int64_t next = first ? 0 : state.index[b].next_position();
     bool fresh = stored == 0;  // an empty sequence starts at the caller's first position
-    for (int64_t e = 0; e < E; ++e) per_expert[e] = first ? 0 : lp[b * E + e];
+    int64_t units = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      per_expert[e] = first ? 0 : lp[b * E + e];
+      units += per_expert[e] * unit_of(e);
+    }
     for (int64_t t = 0; t < L; ++t) {
       if (!vp[b * L + t]) continue;
       if (pp != nullptr) {
@@ -192,6 +207,15 @@ HeteroKVCache::Placement HeteroKVCache::place(int64_t layer, const HostRouting& 
                         fmt::format("positions: must be below 2^31 - 1 (positions(layer) is int32), got {} in "
                                     "sequence {}; the cache is unchanged", next, b));
       const int64_t e = ip[b * L + t];
+      TORCH_CHECK_VALUE(!capped || reserved_length_ == 0 || stored + placement.new_tokens[b] < reserved_length_,
+                        fmt::format("keys: sequence {} would hold more than the {} tokens per sequence reserved in "
+                                    "layer {} (reserve()); the cache is unchanged", b, reserved_length_, layer));
+      TORCH_CHECK_VALUE(!capped || fits(per_expert, units, e),
+                        fmt::format("expert_idx: token [{}, {}] at expert {} would take sequence {} past {} in layer "
+                                    "{}; route with cap_routing() first; the cache is unchanged", b, t, e, b,
+                                    o.kv_cap > 0.0 ? fmt::format("kv_cap = {}", o.kv_cap)
+                                                   : std::string("its reserved pools"), layer));
+      units += unit_of(e);
       placement.batch[e].push_back(b);
       placement.token[e].push_back(t);
       placement.slot[e].push_back(per_expert[e]++);

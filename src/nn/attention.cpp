@@ -243,11 +243,13 @@ MixSGAForwardResult MixSGAAttentionImpl::forward_with_routing(const torch::Tenso
   const auto scores = torch::sigmoid(logits);
   if (!cache_was_empty) {
     // Decode / continuation: causal argmax routing; expert choice over a few new tokens means nothing.
-    const auto idx = router->argmax_route(scores);
+    // The cache's kv_cap (if any) moves tokens to coarser experts before their K/V are projected.
+    const auto idx = cache->cap_routing(layer, router->argmax_route(scores), in.valid);
     return {attend(x, idx, in, cache, layer, false), zero, idx, idx};
   }
   const auto target = router->route(importance(x, scores), in.valid);
-  const auto expert_idx = o.prefill_routing() == "argmax" ? router->argmax_route(scores) : target;
+  auto expert_idx = o.prefill_routing() == "argmax" ? router->argmax_route(scores) : target;
+  if (cache != nullptr) expert_idx = cache->cap_routing(layer, expert_idx, in.valid);
   const auto aux = o.aux_alpha() == 0.0 ? zero : router->aux_loss(logits, target, in.valid) * o.aux_alpha();
   auto out = attend(x, expert_idx, in, cache, layer, true);
   if (o.aux_in_backward() && aux.requires_grad()) {

@@ -199,7 +199,8 @@ void bind_cache(py::module_& m) {
   py::class_<HeteroKVCacheOptions>(m, "HeteroKVCacheOptions",
                                    "Options of HeteroKVCache (see mixsga/cache.h); keyword constructor, plain fields.")
       .def(py::init([](int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, std::vector<int64_t> group_sizes,
-                       c10::ScalarType dtype, c10::Device device, int64_t max_tokens, double growth) {
+                       c10::ScalarType dtype, c10::Device device, int64_t max_tokens, double growth,
+                       double kv_cap) {
              HeteroKVCacheOptions o;
              o.num_layers = num_layers;
              o.num_kv_heads = num_kv_heads;
@@ -209,11 +210,13 @@ void bind_cache(py::module_& m) {
              o.device = device;
              o.max_tokens = max_tokens;
              o.growth = growth;
+             o.kv_cap = kv_cap;
              return o;
            }),
            py::arg("num_layers") = 1, py::arg("num_kv_heads") = 1, py::arg("head_dim") = 64,
            py::arg("group_sizes") = std::vector<int64_t>{1, 2, 4}, py::arg("dtype") = c10::kFloat,
-           py::arg("device") = c10::Device(c10::kCPU), py::arg("max_tokens") = 0, py::arg("growth") = 1.5)
+           py::arg("device") = c10::Device(c10::kCPU), py::arg("max_tokens") = 0, py::arg("growth") = 1.5,
+           py::arg("kv_cap") = 0.0)
       .def_readwrite("num_layers", &HeteroKVCacheOptions::num_layers)
       .def_readwrite("num_kv_heads", &HeteroKVCacheOptions::num_kv_heads)
       .def_readwrite("head_dim", &HeteroKVCacheOptions::head_dim)
@@ -221,7 +224,10 @@ void bind_cache(py::module_& m) {
       .def_readwrite("dtype", &HeteroKVCacheOptions::dtype)
       .def_readwrite("device", &HeteroKVCacheOptions::device)
       .def_readwrite("max_tokens", &HeteroKVCacheOptions::max_tokens)
-      .def_readwrite("growth", &HeteroKVCacheOptions::growth);
+      .def_readwrite("growth", &HeteroKVCacheOptions::growth)
+      .def_readwrite("kv_cap", &HeteroKVCacheOptions::kv_cap,
+                     "Hard per-sequence cap on the stored K/V as a share of the full K/V (0 = none; else in\n"
+                     "[1/g_max, 1]): every prefix of every sequence stays within it, in every layer.");
 
   py::class_<HeteroKVCache, std::shared_ptr<HeteroKVCache>>(
       m, "HeteroKVCache",
@@ -242,6 +248,20 @@ void bind_cache(py::module_& m) {
            py::arg("positions") = py::none(),
            "Appends tokens given at their compact size: keys[e] / values[e] are [N_e, Hkv/g_e, d], the valid\n"
            "tokens of expert e in batch-major order; never expanded to Hkv heads. Other arguments as append().")
+      .def("cap_routing", &HeteroKVCache::cap_routing, py::arg("layer"), py::arg("expert_idx"),
+           py::arg("valid") = py::none(),
+           "expert_idx [B, L] adjusted to kv_cap and reserved pools for the tokens about to be appended to\n"
+           "`layer`: in order, a token keeps its expert while its sequence's running K/V fits, else goes to the\n"
+           "nearest coarser expert that fits. Causal; changes nothing; expert_idx itself without a cap.")
+      .def("reserve", &HeteroKVCache::reserve, py::arg("batch"), py::arg("max_length"), py::arg("ratios"),
+           "Allocates every pool once for `batch` sequences of at most `max_length` tokens within kv_cap (which\n"
+           "must be set): expert e < E-1 gets floor(ratios[e] * max_length) slots, the coarsest the rest.\n"
+           "ratios' KV budget must be <= kv_cap. The cache must be empty; reset() drops the reservation.")
+      .def_property_readonly("reserved_length", &HeteroKVCache::reserved_length,
+                             "Tokens per sequence the pools are reserved for (0: not reserved).")
+      .def("worst_case_bytes", &HeteroKVCache::worst_case_bytes, py::arg("max_length"), py::arg("batch") = 1,
+           "The most bytes_stored() can reach with `batch` sequences of `max_length` tokens: kv_cap (1 without a\n"
+           "cap) times the full K/V, rounded down to what the group sizes store, plus the index bits.")
       .def("keys", &HeteroKVCache::keys, py::arg("layer"), "E views [B, Hkv/g_e, T_e, d] of the stored keys.")
       .def("values", &HeteroKVCache::values, py::arg("layer"), "E views [B, Hkv/g_e, T_e, d] of the stored values.")
       .def("positions", &HeteroKVCache::positions, py::arg("layer"),

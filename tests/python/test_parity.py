@@ -358,3 +358,32 @@ def test_fit_decode_offsets_and_ratios_for_budget():
         mixsga.ratios_for_budget((1, 2, 4), (0.3, 0.1, 0.6), 0.1)
     with pytest.raises(ValueError, match="scores: 30 calibration tokens are too few"):
         mixsga.fit_decode_offsets(scores[:30], (0.3, 0.1, 0.6))
+
+
+@pytest.mark.parametrize("cap", [0.0, 0.4])
+def test_a_capped_cache_routes_identically_in_both(cap):
+    """The cache's kv_cap moves the same tokens in both layers (prefill and decode), and no cap changes nothing."""
+    config = dict(hidden_size=64, num_heads=8, num_kv_heads=4, ratios=(0.5, 0.3, 0.2))  # budget 0.7
+    py, cpp = twins(torch.float64, **config)
+    x, mask = inputs(2, 20, 64, torch.float64, True)
+    results = []
+    for layer in (py, cpp):
+        options = layer.cache_options(num_layers=1)
+        options.kv_cap = cap
+        cache = mixsga.HeteroKVCache(options)
+        outs, idx = [], []
+        with torch.no_grad():
+            r = layer.forward_with_routing(x[:, :12], mask[:, :12], cache=cache)
+            outs.append(r[0]), idx.append(r[2])
+            for t in range(12, 20):
+                r = layer.forward_with_routing(x[:, t : t + 1], mask[:, t : t + 1], cache=cache)
+                outs.append(r[0]), idx.append(r[2])
+        results.append((torch.cat(outs, 1), torch.cat(idx, 1), cache.lengths(0)))
+    (out_py, idx_py, len_py), (out_cpp, idx_cpp, len_cpp) = results
+    assert torch.equal(idx_py, idx_cpp) and torch.equal(len_py, len_cpp)
+    torch.testing.assert_close(out_py, out_cpp)
+    share = (len_py.double() / torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)).sum(1) / len_py.sum(1)
+    if cap:
+        assert bool((share <= cap + 1e-12).all())
+    else:
+        assert bool((share > 0.5).any())  # uncapped, the 0.7 budget shows

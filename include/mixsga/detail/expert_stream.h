@@ -61,6 +61,8 @@ class ExpertStream {
   /// Bytes held in memory (vector capacity).
   int64_t bytes_allocated() const { return static_cast<int64_t>(bytes_.capacity()); }
   void shrink_to_fit() { bytes_.shrink_to_fit(); }
+  /// Allocates room for n tokens' ids up front (HeteroKVCache::reserve).
+  void reserve(int64_t n) { bytes_.reserve(static_cast<size_t>((n * bits_ + 7) / 8)); }
 
  private:
   int bits_;

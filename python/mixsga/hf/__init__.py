@@ -19,7 +19,7 @@
   v_proj acts through the effective weight W + scaling * B @ A.
 - KV memory you can set: ``calibrate_decode_routing(model, blocks)`` fits decode offsets so decoding realises
   the configured ratios; ``set_kv_budget(model, blocks, budget)`` serves another budget without retraining;
-  ``realised_kv_budget(model, blocks)`` measures it.
+  ``realised_kv_budget(model, blocks)`` measures it; ``set_kv_cap(model, cap)`` bounds every sequence's KV.
 - ``prepare(model, blocks)``: calibrates pooled-key scales and warm-starts the routers on a few batches
   (``calibrate_key_scale``, ``warm_start_routers``); ``RECOMMENDED``: the quality extensions to convert
   with (docs/METHOD.md).
@@ -28,7 +28,7 @@ Needs ``transformers`` (imported by this subpackage only).
 """
 
 from .attention import PADDING_MASK_KWARG, HFMixSGAAttention
-from .budget import calibrate_decode_routing, realised_kv_budget, set_kv_budget, trained_ratios
+from .budget import calibrate_decode_routing, realised_kv_budget, set_kv_budget, set_kv_cap, trained_ratios
 from .cache import MixSGACache
 from .config import MixSGASettings
 from .convert import SUPPORTED_MODEL_TYPES, convert, is_converted, to_gqa
@@ -62,6 +62,7 @@ __all__ = [
     "realised_kv_budget",
     "set_aux_loss_scale",
     "set_kv_budget",
+    "set_kv_cap",
     "to_gqa",
     "trained_ratios",
     "train_key_scales",

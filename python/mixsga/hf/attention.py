@@ -75,7 +75,7 @@ class HFMixSGAAttention(MixSGAAttention):
                     f"past_key_values: a mixSGA model stores its KV cache in mixsga.hf.MixSGACache, got "
                     f"{type(past_key_values).__name__}"
                 )
-            cache = past_key_values.hetero_for(self)
+            cache = past_key_values.hetero_for(self, B)
         positions = position_ids
         if positions is not None and positions.dim() == 2 and positions.shape[0] != B:
             positions = positions.expand(B, -1)

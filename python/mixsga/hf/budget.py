@@ -6,6 +6,8 @@ routers happen to prefer. Per layer and expert, score offsets added before that 
 (``calibrate_decode_routing``). The same router ranks tokens at any budget, so one trained model serves
 several: ``set_kv_budget`` moves the ratios (prefill expert choice) and re-fits the offsets (decode). Both
 are stored in ``config.mixsga`` (``decode_ratios``, ``decode_offsets``), so ``save_pretrained`` keeps them.
+Calibration meets a budget on average; ``set_kv_cap`` bounds every sequence (the caches route coarser where
+the cap requires it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._budget import fit_decode_offsets, ratios_for_budget
+from .._checks import check_kv_cap
 from .config import CONFIG_KEY
 from .layers import causal_routing, mixsga_layers
 
@@ -78,11 +81,20 @@ def realised_kv_budget(model, blocks: torch.Tensor) -> float:
 def _apply(model, layers, ratios: tuple[float, ...], offsets: list[list[float]]) -> None:
     for layer, o in zip(layers, offsets):
         layer.set_routing(ratios, o)
+    _update_settings(model, decode_ratios=list(ratios), decode_offsets=[list(o) for o in offsets])
+
+
+def _update_settings(model, **changes) -> None:
+    """Writes ``changes`` into the mixSGA settings of every config in the model (a wrapper's and the base
+    model's may be different objects); a None value removes the key."""
     for config in {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}.values():
         settings = getattr(config, CONFIG_KEY, None)
         if isinstance(settings, dict):
-            settings["decode_ratios"] = list(ratios)
-            settings["decode_offsets"] = [list(o) for o in offsets]
+            for key, value in changes.items():
+                if value is None:
+                    settings.pop(key, None)
+                else:
+                    settings[key] = value
 
 
 def _check_blocks(layers, blocks) -> None:
@@ -153,3 +165,19 @@ def set_kv_budget(model, blocks: torch.Tensor, budget: float | None = None) -> f
     target = trained if budget is None else ratios_for_budget(groups, trained, budget)
     _check_blocks(layers, blocks)
     return _fit(model, layers, blocks, target)
+
+
+def set_kv_cap(model, kv_cap: float | None) -> None:
+    """Sets the hard per-sequence KV cap every cache of this model enforces (``MixSGACache`` reads it from the
+    config; ``generate`` then also reserves the pools for its ``max_length``), or removes it (None). ``kv_cap``:
+    a share of the full K/V in [1 / max group size, 1]; tokens the cap does not allow go to coarser experts.
+    Stored in ``config.mixsga`` (``kv_cap``), so ``save_pretrained`` keeps it. Combine it with
+    ``calibrate_decode_routing`` / ``set_kv_budget``: calibrated routing meets the budget on average, the cap
+    bounds every sequence.
+
+    Raises:
+        TypeError: the model was not converted.
+        ValueError: ``kv_cap`` outside [1 / max group size, 1] (the message gives the range).
+    """
+    layers = _layers_or_raise(model, "set_kv_cap")
+    _update_settings(model, kv_cap=check_kv_cap(kv_cap, layers[0].group_sizes))

@@ -17,6 +17,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import _C
+from .._checks import check_kv_cap
+from .config import CONFIG_KEY
 
 
 class MixSGACacheLayer(CacheLayerMixin):
@@ -84,7 +86,15 @@ class MixSGACache(Cache):
     first forward that uses the cache, with the dtype and device of the model.
 
     Args:
-        config: the model's config (its ``num_hidden_layers``), or the number of layers.
+        config: the model's config (its ``num_hidden_layers``, and the ``kv_cap`` of its mixSGA settings), or
+            the number of layers.
+        kv_cap: hard per-sequence cap on the stored K/V, a share of the full K/V in [1/g_max, 1]: every
+            prefix of every sequence stays within it in every layer; tokens the cap does not allow are routed
+            to coarser experts, nothing is refused (``HeteroKVCacheOptions.kv_cap``). None (default): the
+            model's saved cap (``mixsga.hf.set_kv_cap``), else none.
+        max_length: with a cap, the most tokens a sequence will hold (prompt included; ``generate`` passes its
+            own): the pools are then reserved once at their exact size (``HeteroKVCache.reserve``), so the
+            allocated bytes meet the cap too; a sequence cannot grow past it. None (default): pools grow.
 
     Memory, two quantities with two names (the same names as on ``HeteroKVCache``):
 
@@ -99,7 +109,16 @@ class MixSGACache(Cache):
       full figure right after a short prompt grew the pools).
     """
 
-    def __init__(self, config=None, num_layers: int | None = None) -> None:
+    def __init__(self, config=None, num_layers: int | None = None, kv_cap: float | None = None,
+                 max_length: int | None = None) -> None:
+        if kv_cap is None and config is not None and not isinstance(config, int):
+            kv_cap = (getattr(config, CONFIG_KEY, None) or {}).get("kv_cap")
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+                raise ValueError(f"max_length: must be an int >= 1 or None, got {max_length!r}")
+            if kv_cap is None:
+                raise ValueError(f"max_length: reserving the pools (max_length = {max_length}) needs a kv_cap; without "
+                                 "one any token may be stored at the finest expert")
         if num_layers is None:
             if config is None:
                 raise TypeError("MixSGACache: give the model config or num_layers")
@@ -108,10 +127,14 @@ class MixSGACache(Cache):
             raise ValueError(f"num_layers: must be >= 1, got {num_layers!r}")
         super().__init__(layers=[MixSGACacheLayer(i) for i in range(num_layers)])
         self.hetero: _C.HeteroKVCache | None = None
+        self.kv_cap = kv_cap  # checked against the group sizes when the first layer creates the HeteroKVCache
+        self.max_length = max_length
 
     # --- used by the mixSGA attention layers -------------------------------------------------------------
-    def hetero_for(self, attention) -> _C.HeteroKVCache:
-        """The HeteroKVCache, created on first use from a mixSGA attention layer's ``cache_options``."""
+    def hetero_for(self, attention, batch_size: int = 1) -> _C.HeteroKVCache:
+        """The HeteroKVCache, created on first use from a mixSGA attention layer's ``cache_options`` (and, with
+        ``max_length``, reserved for ``batch_size`` sequences at the layer's serving ratios, moved to the cap's
+        budget with ``ratios_for_budget`` when they exceed it)."""
         layer_idx = getattr(attention, "layer_idx", None)
         if isinstance(layer_idx, int) and not 0 <= layer_idx < len(self.layers):
             raise IndexError(
@@ -120,7 +143,16 @@ class MixSGACache(Cache):
                 "MixSGACache(model.config), or with num_layers >= the number of attention layers"
             )
         if self.hetero is None:
-            self.hetero = _C.HeteroKVCache(attention.cache_options(num_layers=len(self.layers)))
+            options = attention.cache_options(num_layers=len(self.layers))
+            cap = check_kv_cap(self.kv_cap, attention.group_sizes)
+            options.kv_cap = 0.0 if cap is None else cap
+            hetero = _C.HeteroKVCache(options)
+            if self.max_length is not None:
+                groups, ratios = list(attention.group_sizes), list(attention.ratios)
+                if sum(r / g for r, g in zip(ratios, groups)) > cap:
+                    ratios = _C.ratios_for_budget(groups, ratios, cap)
+                hetero.reserve(batch_size, self.max_length, ratios)
+            self.hetero = hetero
         return self.hetero
 
     def advance(self, layer_idx: int, columns: int) -> None:
@@ -134,7 +166,10 @@ class MixSGACache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        if self.hetero is not None:
+        # A reserved cache is rebuilt (and reserved again) by the next forward; otherwise the pools are emptied.
+        if self.hetero is not None and self.max_length is not None:
+            self.hetero = None
+        elif self.hetero is not None:
             self.hetero.reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -196,6 +231,17 @@ class MixSGACache(Cache):
     def bytes_per_token(self) -> float:
         """The same as ``stored_bytes_per_token()`` (compact bytes per stored token)."""
         return self.stored_bytes_per_token()
+
+    def worst_case_bytes(self, max_length: int | None = None, batch_size: int = 1) -> int:
+        """The most ``bytes_stored()`` can reach with ``batch_size`` sequences of ``max_length`` tokens (None: the
+        cache's own ``max_length``), for planning memory: the cap (1 without one) times the full K/V, plus the
+        index bits. Needs the HeteroKVCache (created by the first forward)."""
+        if self.hetero is None:
+            raise RuntimeError("MixSGACache: worst_case_bytes needs the model's cache options; run a forward first")
+        length = self.max_length if max_length is None else max_length
+        if length is None:
+            raise ValueError("max_length: give it (the cache was not created with one)")
+        return int(self.hetero.worst_case_bytes(length, batch_size))
 
     def full_bytes_per_token(self) -> int:
         """Bytes per token of an uncompressed cache of the same model (all layers)."""

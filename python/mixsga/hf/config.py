@@ -19,6 +19,7 @@ from .._checks import (
     check_decode_offsets,
     check_group_sizes,
     check_key_scale,
+    check_kv_cap,
     check_prefill_routing,
     check_ratios,
     check_routing_signal,
@@ -49,6 +50,8 @@ class MixSGASettings:
     #: calibrate_decode_routing): capacity ratios (None: ``ratios``) and per-layer decode offsets (None: none).
     decode_ratios: tuple[float, ...] | None = None
     decode_offsets: tuple[tuple[float, ...], ...] | None = None
+    #: Hard per-sequence KV cap the caches of this model enforce (mixsga.hf.set_kv_cap; None: none).
+    kv_cap: float | None = None
 
     @classmethod
     def create(
@@ -64,6 +67,7 @@ class MixSGASettings:
         aux_in_backward: bool = True,
         decode_ratios: Sequence[float] | None = None,
         decode_offsets: Sequence[Sequence[float]] | None = None,
+        kv_cap: float | None = None,
     ) -> MixSGASettings:
         """Validated settings (group sizes strictly increasing, one ratio per expert summing to 1, ...)."""
         groups = check_group_sizes(group_sizes)
@@ -82,12 +86,12 @@ class MixSGASettings:
             offsets = tuple(check_decode_offsets(o, len(groups)) for o in decode_offsets)
         return cls(groups, values, check_aux_loss_kind(aux_loss), alpha, check_prefill_routing(prefill_routing),
                    detach_router_input, check_key_scale(key_scale), check_routing_signal(routing_signal),
-                   aux_in_backward, serving, offsets)
+                   aux_in_backward, serving, offsets, check_kv_cap(kv_cap, groups))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["group_sizes"], d["ratios"] = list(self.group_sizes), list(self.ratios)
-        for key in ("decode_ratios", "decode_offsets"):  # written only when set: older readers know no such keys
+        for key in ("decode_ratios", "decode_offsets", "kv_cap"):  # written only when set: older readers know no such keys
             if d[key] is None:
                 del d[key]
         if self.decode_ratios is not None:

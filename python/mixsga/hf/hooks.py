@@ -32,6 +32,7 @@ from torch import nn
 from ..nn.aux_gradient import AuxScale, loss_tokens
 from .attention import AUX_SCALE_KWARG, PADDING_MASK_KWARG, HFMixSGAAttention
 from .cache import MixSGACache
+from .config import CONFIG_KEY
 
 #: Attribute of the decoder stack holding the fallback aux scale (``set_aux_loss_scale``).
 _FALLBACK_ATTR = "mixsga_aux_loss_scale"
@@ -91,7 +92,7 @@ def install(model: nn.Module, base: nn.Module) -> None:
                 use_cache = getattr(module.config, "use_cache", False)
             if use_cache and past is None and len(args) <= past_at:
                 # Transformers would create a DynamicCache (full K/V per token), which mixSGA layers cannot use.
-                kwargs["past_key_values"] = MixSGACache(num_layers=num_layers)
+                kwargs["past_key_values"] = MixSGACache(getattr(module, "config", None), num_layers=num_layers)
         return args, kwargs
 
     base._mixsga_hook = base.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -253,7 +254,12 @@ def _wrap_generation(model: nn.Module, num_layers: int) -> None:
         result = original(self, generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if cache is not None and not isinstance(cache, MixSGACache) and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = MixSGACache(num_layers=num_layers)
+            # With a saved kv_cap, the pools are reserved for the most tokens generate will store
+            # (transformers passes max_length - 1: the last new token is never cached).
+            length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
+            cap = (getattr(self.config, CONFIG_KEY, None) or {}).get("kv_cap")
+            model_kwargs["past_key_values"] = MixSGACache(
+                self.config, num_layers=num_layers, max_length=int(length) if cap is not None and length else None)
         return result
 
     model._prepare_cache_for_generation = types.MethodType(prepare_cache, model)

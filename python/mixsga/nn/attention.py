@@ -277,10 +277,13 @@ class MixSGAAttention(nn.Module):
         scores = torch.sigmoid(logits)
         if not cache_was_empty:
             # Decode / continuation: causal argmax routing (expert choice over a few new tokens means nothing).
-            idx = self.router.argmax_route(scores)
+            # The cache's kv_cap (if any) moves tokens to coarser experts before their K/V are projected.
+            idx = cache.cap_routing(layer_idx, self.router.argmax_route(scores), valid)
             return MixSGAOutput(self._attend(x, idx, valid, positions, cache, layer_idx, False, rope), zero, idx, idx)
         target = self.router.route(self._importance(x, scores), valid)
         expert_idx = self.router.argmax_route(scores) if self.prefill_routing == "argmax" else target
+        if cache is not None:
+            expert_idx = cache.cap_routing(layer_idx, expert_idx, valid)
         aux = zero if self.aux_alpha == 0.0 else self.router.aux_loss(logits, target, valid) * self.aux_alpha
         out = self._attend(x, expert_idx, valid, positions, cache, layer_idx, True, rope)
         if self.aux_in_backward and aux.requires_grad:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,12 +46,36 @@ def stored_fraction(model, ids: torch.Tensor, prompt: int = 16) -> tuple[float, 
     return cache.stored_bytes_per_token() / full, cache.allocated_bytes_per_token() / full
 
 
+def capped_decode(model, blocks: torch.Tensor, kv_cap: float | None, reserve: bool, batch: int = 8) -> dict:
+    """Held-out perplexity of decode routing (causal argmax, calibrated offsets) through the compact cache, with
+    the hard cap ``kv_cap`` (None: offsets alone) and, with ``reserve``, pools reserved once for the block length.
+    Also the stored and allocated K/V over the full cache's, and the largest share any sequence stored in any
+    layer (what the cap bounds)."""
+    nll, tokens, stored, allocated, full, worst = 0.0, 0, 0, 0, 0, 0.0
+    groups = torch.tensor([1.0 / g for g in GROUPS], dtype=torch.float64)
+    with torch.no_grad(), hf.causal_routing(model):
+        for i in range(0, len(blocks), batch):
+            ids = blocks[i : i + batch]
+            cache = hf.MixSGACache(model.config, kv_cap=kv_cap, max_length=ids.shape[1] if reserve else None)
+            logits = model(ids, past_key_values=cache, use_cache=True).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            nll, tokens = nll + float(loss), tokens + ids[:, 1:].numel()
+            stored, allocated = stored + cache.bytes_stored(), allocated + cache.bytes_allocated()
+            full += cache.full_bytes_per_token() * cache.tokens_stored()
+            for layer in range(len(cache.layers)):
+                lengths = cache.hetero.lengths(layer).to(torch.float64)
+                worst = max(worst, float(((lengths * groups).sum(1) / lengths.sum(1)).max()))
+    return {"kv_cap": kv_cap, "reserved": reserve, "ppl": math.exp(nll / tokens), "stored": stored / full,
+            "allocated": allocated / full, "max_sequence_share": worst}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/kv_budget")
     p.add_argument("--budgets", default="0.4,0.5,0.75", help="budgets served at inference")
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--docs", type=int, default=32, help="documents per text set (one block from each)")
+    p.add_argument("--caps", default="0.5,0.4", help="budgets at which the hard cap's cost is measured ('' none)")
     p.add_argument("--plot", default="docs/img/kv_budget_smollm2.png", help="'' for none")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -106,6 +131,16 @@ def main() -> int:
               f"{row['stored']:.4f}, allocated {row['allocated']:.4f}, ppl causal {row['ppl_causal_argmax']:.1f} / "
               f"expert choice {row['ppl_expert_choice']:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     result["served"] = rows
+    caps = []
+    for budget in [float(b) for b in args.caps.split(",") if b]:
+        hf.set_kv_budget(model, calib, budget)  # calibrated offsets for this budget, then the cap on top
+        for kv_cap, reserve in ((None, False), (budget, False), (budget, True)):
+            row = {"budget": budget, **capped_decode(model, held, kv_cap, reserve)}
+            caps.append(row)
+            print(f"[kv_budget] budget {budget:.2f}, cap {kv_cap}, reserved {reserve}: ppl {row['ppl']:.2f}, stored "
+                  f"{row['stored']:.4f}, allocated {row['allocated']:.4f}, largest sequence share "
+                  f"{row['max_sequence_share']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    result["caps"] = caps
     result["seconds"] = time.perf_counter() - t0
     (out / "kv_budget.json").write_text(json.dumps(result, indent=2) + "\n")
 
@@ -119,6 +154,14 @@ def main() -> int:
         lines.append(f"| {r['budget']:.2f} | {r['calibration_realised']:.4f} | {r['held_out_realised']:.4f} | "
                      f"{r['held_out_b_realised']:.4f} | {r['stored']:.4f} | {r['allocated']:.4f} | "
                      f"{r['ppl_causal_argmax']:.1f} | {r['ppl_expert_choice']:.1f} |")
+    if caps:
+        lines += ["", "| budget | routing | ppl (decode routing, A) | stored | allocated | largest sequence-layer share |",
+                  "|---|---|---|---|---|---|"]
+        for r in caps:
+            how = ("calibrated offsets alone" if r["kv_cap"] is None else
+                   f"+ cap {r['kv_cap']:.2f}" + (", pools reserved for the block" if r["reserved"] else ""))
+            lines.append(f"| {r['budget']:.2f} | {how} | {r['ppl']:.2f} | {r['stored']:.4f} | {r['allocated']:.4f} | "
+                         f"{r['max_sequence_share']:.4f} |")
     (out / "kv_budget.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.plot:

@@ -290,9 +290,11 @@ def _agreement(model, blocks: torch.Tensor) -> float | None:
     return sum(layers[i].routing_agreement(h).agreement for i, h in captured.items()) / len(captured)
 
 
-def _cache_bytes_per_token(cache, model) -> float:
+def _cache_bytes_per_token(cache, model, allocated: bool = False) -> float:
+    """Stored (or allocated: growth slack and batch padding included) K/V bytes per cached token. A plain
+    cache's tensors hold exactly what is stored, so both figures are the same for it."""
     if isinstance(cache, hf.MixSGACache):
-        return float(cache.bytes_per_token())
+        return float(cache.allocated_bytes_per_token() if allocated else cache.stored_bytes_per_token())
     total, tokens = 0, 0
     for layer in getattr(cache, "layers", []):
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
@@ -304,6 +306,12 @@ def _cache_bytes_per_token(cache, model) -> float:
         d = c.hidden_size // c.num_attention_heads
         return 2.0 * c.num_hidden_layers * c.num_key_value_heads * d * next(model.parameters()).element_size()
     return total / tokens
+
+
+def _allocated(row: dict) -> str:
+    # Reports written before the allocated figure was recorded still render.
+    value = row.get("kv_allocated_bytes_per_token")
+    return "-" if value is None else f"{value:.0f}"
 
 
 @torch.no_grad()
@@ -323,6 +331,7 @@ def _generate(model, tokenizer, prompt: torch.Tensor, new_tokens: int) -> dict:
     del prefill
     return {
         "kv_bytes_per_token": _cache_bytes_per_token(cache, model),
+        "kv_allocated_bytes_per_token": _cache_bytes_per_token(cache, model, allocated=True),
         "decode_tokens_per_s": (new_tokens - 1) * prompt.shape[0] / seconds,
         "decode_ratios": ratios,
         "sample": tokenizer.decode(out.sequences[0, prompt.shape[1]:].tolist()),
@@ -395,15 +404,16 @@ def render_markdown(report: dict) -> str:
         f"# mixSGA demo report ({model})", "",
         f"{report['date']}, {report['machine']}, {report['threads']} torch threads, torch {report['torch']}, "
         f"wall time {report['wall_seconds'] / 60:.1f} min. Config: `{json.dumps(report['config'])}`.", "",
-        "| arm | KV budget | held-out ppl (expert choice) | held-out ppl (argmax) | KV bytes/token (measured) "
-        "| decode tok/s | decode ratios | argmax/EC agreement |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | KV budget | held-out ppl (expert choice) | held-out ppl (argmax) | KV bytes/token stored "
+        "| allocated | decode tok/s | decode ratios | argmax/EC agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["arms"]:
         ratios = "-" if r["decode_ratios"] is None else ":".join(f"{x:.2f}" for x in r["decode_ratios"])
         agree = "-" if r["agreement"] is None else f"{r['agreement']:.3f}"
         lines.append(f"| {r['arm']} | {r['kv_fraction']:.0%} | {r['ppl_expert_choice']:.2f} | {r['ppl_argmax']:.2f} | "
-                     f"{r['kv_bytes_per_token']:.0f} | {r['decode_tokens_per_s']:.1f} | {ratios} | {agree} |")
+                     f"{r['kv_bytes_per_token']:.0f} | {_allocated(r)} | {r['decode_tokens_per_s']:.1f} | {ratios} | "
+                     f"{agree} |")
     by = {r["arm"]: r for r in report["arms"]}
     static, mix = by[report.get("static_50", "GQA-50%")], by[report.get("mixsga_50", "mixSGA 3:1:6 (50%)")]
     lines.append("")

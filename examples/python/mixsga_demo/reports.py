@@ -17,18 +17,20 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def read_rows(path: Path, key: str) -> list[dict]:
-    """The rows (one JSON object a line) of the runs file ``path`` whose ``config_key`` is ``key``."""
+def read_rows(path: Path, key: str | None = None) -> list[dict]:
+    """The rows (one JSON object a line) of the runs file ``path`` whose ``config_key`` is ``key`` (all rows
+    when ``key`` is None)."""
+    path = Path(path)
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("config_key") == key]
+    return rows if key is None else [r for r in rows if r.get("config_key") == key]
 
 
 def append_row(path: Path, row: dict) -> None:
     """Appends one JSON line and syncs it to disk: a resumed run trusts every line it finds. One short
     write per line, so lines of several worker processes do not interleave."""
-    with path.open("a") as f:
+    with Path(path).open("a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -13,8 +13,9 @@ Two base models:
 
 Every arm is continued for the same steps on the same data from the same base, then evaluated on
 held-out text (perplexity with expert-choice and with causal argmax prefill routing, argmax-vs-expert-
-choice agreement) and by generating with its real cache (bytes per token measured from the cache, decode
-tokens/s, realised decode routing ratios, a text sample).
+choice agreement, the KV budget decoding realises before and after ``calibrate_decode_routing``) and by
+generating with its real cache after that calibration (stored and allocated bytes per token measured from
+the cache, decode tokens/s, realised decode routing ratios, a text sample).
 
 Writes report.md, report.json and ppl_vs_kv.png into the output folder.
 """
@@ -308,6 +309,26 @@ def _cache_bytes_per_token(cache, model, allocated: bool = False) -> float:
     return total / tokens
 
 
+def _calibrate_decode(model, data: TokenBlocks, held: torch.Tensor, cfg: DemoConfig) -> dict:
+    """For a mixSGA arm: the KV budget decoding realises on the held-out blocks with plain argmax routing, then
+    with decode offsets calibrated on training blocks (``hf.calibrate_decode_routing``, which the generation
+    after it uses: calibrate after training, before serving)."""
+    layers = hf.mixsga_layers(model)
+    if not layers:
+        return {"decode_budget_plain": None, "decode_budget_calibrated": None}
+    needed = -(-100 * len(layers[0].group_sizes) // cfg.block)  # calibration needs >= 100 tokens per expert
+    calib = data.train[: max(needed, cfg.eval_blocks)]
+    plain = hf.realised_kv_budget(model, held)
+    hf.calibrate_decode_routing(model, calib)
+    return {"decode_budget_plain": plain, "decode_budget_calibrated": hf.realised_kv_budget(model, held)}
+
+
+def _budget_pair(row: dict) -> str:
+    # Reports written before the calibrated budget was recorded (or non-mixSGA arms) show "-".
+    plain, calibrated = row.get("decode_budget_plain"), row.get("decode_budget_calibrated")
+    return "-" if plain is None or calibrated is None else f"{plain:.3f} → {calibrated:.3f}"
+
+
 def _allocated(row: dict) -> str:
     # Reports written before the allocated figure was recorded still render.
     value = row.get("kv_allocated_bytes_per_token")
@@ -372,6 +393,7 @@ def run(out_dir: Path, cfg: DemoConfig, threads: int = 2) -> dict:
         row["ppl_argmax"] = perplexity(model, held)
         _set_prefill_routing(model, "expert_choice")
         row["agreement"] = _agreement(model, held)
+        row.update(_calibrate_decode(model, data, held, cfg))
         row.update(_generate(model, tokenizer, prompt, cfg.new_tokens))
         _log(f"arm {arm.name}: ppl EC {row['ppl_expert_choice']:.2f}, argmax {row['ppl_argmax']:.2f}, "
              f"{row['kv_bytes_per_token']:.0f} B/token, {row['decode_tokens_per_s']:.1f} tok/s")
@@ -404,15 +426,15 @@ def render_markdown(report: dict) -> str:
         f"# mixSGA demo report ({model})", "",
         f"{report['date']}, {report['machine']}, {report['threads']} torch threads, torch {report['torch']}, "
         f"wall time {report['wall_seconds'] / 60:.1f} min. Config: `{json.dumps(report['config'])}`.", "",
-        "| arm | KV budget | held-out ppl (expert choice) | held-out ppl (argmax) | KV bytes/token stored "
-        "| allocated | decode tok/s | decode ratios | argmax/EC agreement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | KV budget | held-out ppl (expert choice) | held-out ppl (argmax) | decode budget, plain → calibrated "
+        "| KV bytes/token stored | allocated | decode tok/s | decode ratios | argmax/EC agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["arms"]:
         ratios = "-" if r["decode_ratios"] is None else ":".join(f"{x:.2f}" for x in r["decode_ratios"])
         agree = "-" if r["agreement"] is None else f"{r['agreement']:.3f}"
         lines.append(f"| {r['arm']} | {r['kv_fraction']:.0%} | {r['ppl_expert_choice']:.2f} | {r['ppl_argmax']:.2f} | "
-                     f"{r['kv_bytes_per_token']:.0f} | {_allocated(r)} | {r['decode_tokens_per_s']:.1f} | {ratios} | "
+                     f"{_budget_pair(r)} | {r['kv_bytes_per_token']:.0f} | {_allocated(r)} | {r['decode_tokens_per_s']:.1f} | {ratios} | "
                      f"{agree} |")
     by = {r["arm"]: r for r in report["arms"]}
     static, mix = by[report.get("static_50", "GQA-50%")], by[report.get("mixsga_50", "mixSGA 3:1:6 (50%)")]
@@ -455,4 +477,6 @@ def check(out_dir: Path) -> None:
     if [r["arm"] for r in report["arms"]] != [a.name for a in arms]:
         raise RuntimeError(f"report.json: expected arms {[a.name for a in arms]}, got {[r['arm'] for r in report['arms']]}")
     check_positive_finite(report["arms"], ("ppl_expert_choice", "ppl_argmax", "kv_bytes_per_token",
-                                           "decode_tokens_per_s", "kv_fraction"))
+                                           "kv_allocated_bytes_per_token", "decode_tokens_per_s", "kv_fraction"))
+    check_positive_finite([r for r in report["arms"] if r["method"] == "mixsga"],
+                          ("decode_budget_plain", "decode_budget_calibrated"))

@@ -84,7 +84,10 @@ def test_report_renders_plots_and_checks_for_both_models(tmp_path, model):
     spec = demo.MODELS[model]
     arms = [{"arm": a.name, "method": a.method, "ratios": a.ratios, "on_curve": a.on_curve,
              "kv_fraction": 0.5 if a.method != "base" else 1.0, "ppl_expert_choice": 10.0 + i, "ppl_argmax": 11.0 + i,
-             "agreement": 0.9 if a.method == "mixsga" else None, "kv_bytes_per_token": 100.0, "decode_tokens_per_s": 5.0,
+             "agreement": 0.9 if a.method == "mixsga" else None, "kv_bytes_per_token": 100.0,
+             "kv_allocated_bytes_per_token": 150.0, "decode_tokens_per_s": 5.0,
+             "decode_budget_plain": 0.55 if a.method == "mixsga" else None,
+             "decode_budget_calibrated": 0.5 if a.method == "mixsga" else None,
              "decode_ratios": [0.5] * len(spec.groups) if a.method == "mixsga" else None, "sample": "text"}
             for i, a in enumerate(spec.arms)]
     report = {"model": model, "date": "2026-11-28", "machine": "x", "threads": 1, "torch": "t", "config": {},
@@ -97,6 +100,13 @@ def test_report_renders_plots_and_checks_for_both_models(tmp_path, model):
     demo.plot(report, tmp_path / "ppl_vs_kv.png")
     demo.check(tmp_path)
     assert f"{spec.mixsga_50} " in md and "| " + spec.static_50 + " |" in md
+    assert "| 0.550 → 0.500 | 100 | 150 |" in md  # decode budget plain → calibrated, stored and allocated bytes
+    mixsga_arm = next(a for a in arms if a["method"] == "mixsga")
+    mixsga_arm["decode_budget_calibrated"] = None
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    with pytest.raises(RuntimeError, match="decode_budget_calibrated"):
+        demo.check(tmp_path)
+    mixsga_arm["decode_budget_calibrated"] = 0.5
     arms[1]["ppl_argmax"] = float("nan")
     (tmp_path / "report.json").write_text(json.dumps(report))
     with pytest.raises(RuntimeError, match="ppl_argmax"):

@@ -9,7 +9,8 @@ Two models: SmolLM2-135M (3 KV heads, the offline GGUF) and the regime study's t
 - kvpress presses (SnapKV, ExpectedAttention, Knorm), run by ``kvpress_runner.py`` in its own environment
   (``.kvpress``) on the eval file and the saved model this module writes;
 - mixSGA converted with the recommended extensions, prepared and decode-calibrated, with no training;
-- mixSGA and static GQA (mean-pooled KV heads) after a short uptraining (the paper's regime).
+- mixSGA and static GQA (mean-pooled KV heads) after a short uptraining (the paper's regime); on the
+  test-bed mixSGA also with the hard per-sequence cap (``kv_cap``), pools growing or reserved once.
 
 Protocol (the same as the kvpress runner's): N held-out sequences, each a context of C tokens and a
 continuation of T tokens. The context is prefilled into the method's cache; the continuation is then fed
@@ -18,7 +19,8 @@ first predicted by the prefill's last logits); ``top1``: share of those T positi
 full model's; ``greedy``: G tokens generated greedily from the context, position-wise share equal to the
 full model's greedy tokens. ``kv_fraction``: bytes of the context's cache over a bf16 full cache of the same
 tokens. Every (model, method, target, seed) is one JSON row in <out>/rows.jsonl, appended as it ends;
-rows already there are skipped, so an interrupted run resumes.
+rows already there are skipped, so an interrupted run resumes. The report (tables, plot, ``check``) is in
+kv_alternatives_report.py.
 """
 
 from __future__ import annotations

@@ -317,7 +317,10 @@ def _calibrate_decode(model, data: TokenBlocks, held: torch.Tensor, cfg: DemoCon
     if not layers:
         return {"decode_budget_plain": None, "decode_budget_calibrated": None}
     needed = -(-100 * len(layers[0].group_sizes) // cfg.block)  # calibration needs >= 100 tokens per expert
-    calib = data.train[: max(needed, cfg.eval_blocks)]
+    # Blocks spread over the whole train split, not its first ones: the corpus is ordered by source, and
+    # calibration carries over only to text like the calibration text.
+    n = min(max(needed, cfg.eval_blocks), data.train.shape[0])
+    calib = data.train[torch.linspace(0, data.train.shape[0] - 1, n).long()]
     plain = hf.realised_kv_budget(model, held)
     hf.calibrate_decode_routing(model, calib)
     return {"decode_budget_plain": plain, "decode_budget_calibrated": hf.realised_kv_budget(model, held)}

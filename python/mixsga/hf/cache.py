@@ -21,6 +21,11 @@ from .._checks import check_kv_cap
 from .config import CONFIG_KEY
 
 
+def saved_kv_cap(config) -> float | None:
+    """The hard KV cap stored in a converted model's config (``mixsga.hf.set_kv_cap``), or None."""
+    return (getattr(config, CONFIG_KEY, None) or {}).get("kv_cap")
+
+
 class MixSGACacheLayer(CacheLayerMixin):
     """One layer's view of a MixSGACache: its column count (the K/V live in the shared HeteroKVCache).
     Only MixSGA attention layers can store into it; ``update`` (the call of HF attention) is an error."""
@@ -112,7 +117,7 @@ class MixSGACache(Cache):
     def __init__(self, config=None, num_layers: int | None = None, kv_cap: float | None = None,
                  max_length: int | None = None) -> None:
         if kv_cap is None and config is not None and not isinstance(config, int):
-            kv_cap = (getattr(config, CONFIG_KEY, None) or {}).get("kv_cap")
+            kv_cap = saved_kv_cap(config)
         if max_length is not None:
             if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
                 raise ValueError(f"max_length: must be an int >= 1 or None, got {max_length!r}")

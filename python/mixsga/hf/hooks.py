@@ -31,8 +31,7 @@ from torch import nn
 
 from ..nn.aux_gradient import AuxScale, loss_tokens
 from .attention import AUX_SCALE_KWARG, PADDING_MASK_KWARG, HFMixSGAAttention
-from .cache import MixSGACache
-from .config import CONFIG_KEY
+from .cache import MixSGACache, saved_kv_cap
 
 #: Attribute of the decoder stack holding the fallback aux scale (``set_aux_loss_scale``).
 _FALLBACK_ATTR = "mixsga_aux_loss_scale"
@@ -257,7 +256,7 @@ def _wrap_generation(model: nn.Module, num_layers: int) -> None:
             # With a saved kv_cap, the pools are reserved for the most tokens generate will store
             # (transformers passes max_length - 1: the last new token is never cached).
             length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
-            cap = (getattr(self.config, CONFIG_KEY, None) or {}).get("kv_cap")
+            cap = saved_kv_cap(self.config)
             model_kwargs["past_key_values"] = MixSGACache(
                 self.config, num_layers=num_layers, max_length=int(length) if cap is not None and length else None)
         return result
